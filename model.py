@@ -1,0 +1,276 @@
+"""ThreeLayerNN: input -> hidden -> hidden -> output, with backpropagation derived by hand.
+
+Layers follow the CS231n pattern: a forward returns (out, cache) and its backward
+takes (dout, cache). Activations live in one registry, so adding one is one entry.
+"""
+import json
+from collections import namedtuple
+
+import numpy as np
+
+from cli import Error, atomic_write
+
+PARAM_NAMES = ("w1", "b1", "w2", "b2", "w3", "b3")
+
+# --- activations: f(z) and f'(z) written with a = f(z) at hand ----------------------------
+
+
+def _sigmoid(z):
+    # exp(-|z|) never overflows: for z >= 0 it is 1/(1+e), for z < 0 it is e/(1+e).
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1, e) / (1 + e)
+
+
+_GELU_C = float(np.sqrt(2 / np.pi))
+
+
+def _gelu(z):
+    return 0.5 * z * (1 + np.tanh(_GELU_C * (z + 0.044715 * z**3)))
+
+
+def _gelu_grad(z, a):
+    t = np.tanh(_GELU_C * (z + 0.044715 * z**3))
+    return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * _GELU_C * (1 + 3 * 0.044715 * z * z)
+
+
+LEAK = 0.01
+
+Activation = namedtuple("Activation", "forward derivative init")
+ACTIVATIONS = {
+    "relu": Activation(lambda z: np.maximum(z, 0), lambda z, a: z > 0, "he"),
+    "leaky_relu": Activation(lambda z: np.where(z > 0, z, LEAK * z),
+                             lambda z, a: np.where(z > 0, 1, LEAK).astype(z.dtype), "he"),
+    "elu": Activation(lambda z: np.where(z > 0, z, np.expm1(np.minimum(z, 0))),
+                      lambda z, a: np.where(z > 0, 1, a + 1), "he"),
+    "gelu": Activation(_gelu, _gelu_grad, "he"),
+    "silu": Activation(lambda z: z * _sigmoid(z),
+                       lambda z, a: (s := _sigmoid(z)) + a * (1 - s), "he"),
+    "sigmoid": Activation(_sigmoid, lambda z, a: a * (1 - a), "xavier"),
+    "tanh": Activation(np.tanh, lambda z, a: 1 - a * a, "xavier"),
+}
+
+
+def get_activation(name):
+    if name not in ACTIVATIONS:
+        raise Error(f"unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+# --- layers ---------------------------------------------------------------------------------
+
+
+def affine_forward(x, w, b):
+    return x @ w + b, (x, w)
+
+
+def affine_backward(dout, cache, need_dx=True):
+    """Gradients of x @ w + b; the first layer skips dx, a third of its cost."""
+    x, w = cache
+    dx = dout @ w.T if need_dx else None
+    return dx, x.T @ dout, dout.sum(axis=0)
+
+
+def activation_forward(z, name):
+    a = ACTIVATIONS[name].forward(z)
+    return a, (z, a, name)
+
+
+def activation_backward(da, cache):
+    z, a, name = cache
+    return da * ACTIVATIONS[name].derivative(z, a)
+
+
+def dropout_forward(a, p, rng):
+    """Inverted dropout: scale the kept units by 1/(1-p) so inference needs no change."""
+    if not p or rng is None:
+        return a, None
+    mask = (rng.random(a.shape, dtype=a.dtype) >= p) / a.dtype.type(1 - p)
+    return a * mask, mask
+
+
+def dropout_backward(da, mask):
+    return da if mask is None else da * mask
+
+
+def log_softmax(scores):
+    # Log-sum-exp with the row maximum subtracted: no overflow, and no log(0).
+    shifted = scores - scores.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def cross_entropy_backward(log_probs, y, label_smoothing=0.0):
+    """d(mean cross-entropy)/d(scores) against targets smoothed towards uniform."""
+    n, c = log_probs.shape
+    dscores = np.exp(log_probs)
+    dscores -= label_smoothing / c
+    dscores[np.arange(n), y] -= 1 - label_smoothing
+    return dscores / log_probs.dtype.type(n)
+
+
+def cross_entropy(log_probs, y, label_smoothing=0.0):
+    """Mean cross-entropy against targets smoothed towards uniform by `label_smoothing`."""
+    n = len(y)
+    nll = -log_probs[np.arange(n), y].mean()
+    if not label_smoothing:
+        return float(nll)
+    return float((1 - label_smoothing) * nll - label_smoothing * log_probs.mean())
+
+
+# --- the network ----------------------------------------------------------------------------
+
+
+class ThreeLayerNN:
+    """Fully connected network with two hidden layers and a softmax output."""
+
+    def __init__(self, input_size, hidden_size, output_size, activation="relu", seed=0,
+                 dtype=np.float32, dropout=0.0):
+        h1, h2 = (hidden_size, hidden_size) if np.isscalar(hidden_size) else hidden_size
+        self.hidden_size = (int(h1), int(h2))
+        self.activation = activation
+        self.dropout = dropout
+        self.dtype = np.dtype(dtype)
+        init = get_activation(activation).init
+        rng = np.random.default_rng(seed)
+        sizes = [input_size, h1, h2, output_size]
+        for i, (fan_in, fan_out) in enumerate(zip(sizes, sizes[1:]), start=1):
+            # He keeps ReLU-like activations' variance; Glorot suits tanh, sigmoid and the
+            # linear output layer.
+            he = init == "he" and i < 3
+            std = np.sqrt(2 / fan_in) if he else np.sqrt(2 / (fan_in + fan_out))
+            setattr(self, f"w{i}", (rng.standard_normal((fan_in, fan_out)) * std).astype(dtype))
+            setattr(self, f"b{i}", np.zeros(fan_out, dtype=dtype))
+
+    @property
+    def params(self):
+        return {name: getattr(self, name) for name in PARAM_NAMES}
+
+    @property
+    def input_size(self):
+        return self.w1.shape[0]
+
+    @property
+    def output_size(self):
+        return self.w3.shape[1]
+
+    def forward_pass(self, x, dropout_rng=None):
+        """Log-probabilities and the caches backward_pass needs; dropout only with an rng."""
+        z1, c1 = affine_forward(x, self.w1, self.b1)
+        a1, ca1 = activation_forward(z1, self.activation)
+        a1, m1 = dropout_forward(a1, self.dropout, dropout_rng)
+        z2, c2 = affine_forward(a1, self.w2, self.b2)
+        a2, ca2 = activation_forward(z2, self.activation)
+        a2, m2 = dropout_forward(a2, self.dropout, dropout_rng)
+        scores, c3 = affine_forward(a2, self.w3, self.b3)
+        return log_softmax(scores), (c1, ca1, m1, c2, ca2, m2, c3)
+
+    def backward_pass(self, log_probs, y, cache, reg_lambda=0.0, label_smoothing=0.0):
+        """Gradients of mean cross-entropy + 0.5 * reg_lambda * sum of squared weights."""
+        c1, ca1, m1, c2, ca2, m2, c3 = cache
+        dscores = cross_entropy_backward(log_probs, y, label_smoothing)
+        da2, dw3, db3 = affine_backward(dscores, c3)
+        dz2 = activation_backward(dropout_backward(da2, m2), ca2)
+        da1, dw2, db2 = affine_backward(dz2, c2)
+        dz1 = activation_backward(dropout_backward(da1, m1), ca1)
+        _, dw1, db1 = affine_backward(dz1, c1, need_dx=False)
+        grads = {"w1": dw1, "b1": db1, "w2": dw2, "b2": db2, "w3": dw3, "b3": db3}
+        if reg_lambda:
+            for name in ("w1", "w2", "w3"):
+                grads[name] += reg_lambda * getattr(self, name)
+        return grads
+
+    def forward(self, x):
+        """Class probabilities, shape (N, output_size)."""
+        return np.exp(self.forward_pass(np.asarray(x, dtype=self.dtype))[0])
+
+    def l2_penalty(self, reg_lambda):
+        return 0.5 * reg_lambda * sum(float(np.vdot(w, w)) for w in (self.w1, self.w2, self.w3))
+
+    def loss_fun(self, x, y, reg_lambda=0.0, label_smoothing=0.0, dropout_rng=None):
+        """Mean cross-entropy + 0.5 * reg_lambda * (|w1|^2 + |w2|^2 + |w3|^2); biases are free."""
+        log_probs, _ = self.forward_pass(x, dropout_rng)
+        return cross_entropy(log_probs, y, label_smoothing) + self.l2_penalty(reg_lambda)
+
+    def backward(self, x, y, reg_lambda=0.0, label_smoothing=0.0, dropout_rng=None):
+        """Gradients of exactly loss_fun, as a dict keyed 'w1' ... 'b3'."""
+        log_probs, cache = self.forward_pass(x, dropout_rng)
+        return self.backward_pass(log_probs, y, cache, reg_lambda, label_smoothing)
+
+    def predict(self, x, batch_size=4096):
+        """Predicted class indices, computed in batches to bound memory."""
+        return np.concatenate([self.forward_pass(np.asarray(x[i:i + batch_size], self.dtype))[0]
+                               .argmax(axis=1) for i in range(0, len(x), batch_size)])
+
+    def accuracy(self, x, y):
+        return float(np.mean(self.predict(x) == y))
+
+
+# --- checkpoints: an .npz archive (any file name), loadable without pickle -------------------
+
+
+class CheckpointError(Error):
+    """A checkpoint that is missing, corrupt, or not one of ours."""
+
+
+def save_checkpoint(path, net, mean, std, class_names, config, **extra):
+    """Write weights, normalisation, class names and config to `path`, atomically."""
+    meta = {"activation": net.activation, "hidden_size": list(net.hidden_size),
+            "class_names": list(class_names), "config": config, **extra}
+    arrays = {**net.params, "mean": np.asarray(mean, np.float32),
+              "std": np.asarray(std, np.float32), "meta": np.array(json.dumps(meta))}
+    with atomic_write(path) as f:
+        np.savez(f, **arrays)
+
+
+def load_checkpoint(path):
+    """Load (net, meta) from `path`; meta holds mean, std, class_names, config and extras."""
+    try:
+        archive = np.load(path, allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise CheckpointError(f"{path} holds a single array, not a checkpoint")
+        with archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except CheckpointError:
+        raise
+    except FileNotFoundError:
+        raise CheckpointError(f"no model at {path}: train one first with `python train.py`")
+    except Exception as exc:  # zipfile, pickle refusal, truncation, format errors alike
+        raise CheckpointError(f"{path} is not a readable checkpoint ({exc})") from None
+    return _checkpoint_from_arrays(path, arrays)
+
+
+def _checkpoint_from_arrays(path, arrays):
+    def need(ok, what):
+        if not ok:
+            raise CheckpointError(f"{path} is not a valid checkpoint: {what}")
+
+    missing = [k for k in (*PARAM_NAMES, "mean", "std", "meta") if k not in arrays]
+    need(not missing, f"missing {', '.join(missing)}")
+    try:
+        meta = json.loads(str(arrays["meta"][()]))
+        activation, class_names = meta["activation"], list(meta["class_names"])
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        raise CheckpointError(f"{path} is not a valid checkpoint: bad metadata ({exc})") from None
+    need(activation in ACTIVATIONS, f"unknown activation {activation!r}")
+    params = {k: arrays[k] for k in PARAM_NAMES}
+    dtype = params["w1"].dtype
+    need(dtype in (np.float32, np.float64), f"weights have dtype {dtype}, not float32/64")
+    need(all(p.dtype == dtype for p in params.values()), "weights of mixed dtypes")
+    need(all(p.ndim == (2 if k[0] == "w" else 1) for k, p in params.items()),
+         "weights of the wrong rank")
+    (d, h1), (h1b, h2), (h2b, c) = (params[k].shape for k in ("w1", "w2", "w3"))
+    need(h1 == h1b and h2 == h2b and params["b1"].shape == (h1,) and params["b2"].shape == (h2,)
+         and params["b3"].shape == (c,), "layer shapes do not chain")
+    need(len(class_names) == c, f"{len(class_names)} class names for {c} outputs")
+    for k in ("mean", "std"):
+        need(arrays[k].shape == (d,) and arrays[k].dtype == np.float32,
+             f"{k} should be float32 of shape ({d},), got {arrays[k].dtype} {arrays[k].shape}")
+    need(all(np.isfinite(a).all() for a in (*params.values(), arrays["mean"], arrays["std"])),
+         "weights or statistics hold NaN or infinity")
+    need((arrays["std"] > 0).all(), "std has values <= 0")
+
+    net = ThreeLayerNN(d, (h1, h2), c, activation, dtype=dtype,
+                       dropout=meta.get("config", {}).get("dropout", 0.0))
+    for k, p in params.items():
+        setattr(net, k, np.ascontiguousarray(p))
+    meta.update(mean=arrays["mean"], std=arrays["std"], class_names=class_names)
+    return net, meta
