@@ -1,0 +1,121 @@
+"""train.py: schedules, the optimiser, and whole training runs on a small synthetic set."""
+import json
+
+import numpy as np
+import pytest
+
+import config as cfg
+import model
+import train
+
+
+def synthetic_data(n_train=600, n_test=200, seed=0):
+    """CIFAR-shaped uint8 images whose class sets a colour pattern: learnable, tiny."""
+    rng = np.random.default_rng(seed)
+    patterns = rng.integers(40, 216, size=(10, 3072))
+
+    def make(n):
+        labels = np.arange(n) % 10
+        noise = rng.integers(-40, 41, size=(n, 3072))
+        return np.clip(patterns[labels] + noise, 0, 255).astype(np.uint8), labels.astype(np.int64)
+
+    return (*make(n_train), *make(n_test))
+
+
+def small_config(tmp_path, **overrides):
+    base = dict(hidden_size=[32, 16], epochs=4, batch_size=50, lr=0.02, warmup_epochs=0.5,
+                val_size=100, save_dir=str(tmp_path), translate=1)
+    return cfg.make_config(**{**base, **overrides})
+
+
+def test_schedules():
+    c = cfg.make_config(lr=1.0, epochs=10, warmup_epochs=2.0, lr_schedule="cosine")
+    assert train.learning_rate(c, 0) == 0 and train.learning_rate(c, 1) == pytest.approx(0.5)
+    assert train.learning_rate(c, 2) == pytest.approx(1.0)
+    assert train.learning_rate(c, 6) == pytest.approx(0.5)
+    assert train.learning_rate(c, 10) == pytest.approx(0.0)
+    c.update(lr_schedule="onecycle")
+    assert train.learning_rate(c, 6) == pytest.approx(0.5)
+    assert train.learning_rate(c, 8) == pytest.approx(0.25)
+    c.update(lr_schedule="step", lr_decay=0.5, lr_step=2, warmup_epochs=0.0)
+    assert [train.learning_rate(c, t) for t in (0, 1.9, 2, 5)] == [1.0, 1.0, 0.5, 0.25]
+    c.update(lr_schedule="constant")
+    assert train.learning_rate(c, 9.5) == 1.0
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_sgd_momentum_matches_the_formula(nesterov):
+    p = {"w": np.array([1.0, -2.0])}
+    opt = train.SGD(p, momentum=0.9, nesterov=nesterov)
+    w, v = p["w"].copy(), np.zeros(2)
+    for g in ([0.5, 1.0], [0.2, -0.4]):
+        v = 0.9 * v - 0.1 * np.array(g)
+        w = w + (0.9 * v - 0.1 * np.array(g) if nesterov else v)
+        opt.step(p, {"w": np.array(g)}, 0.1)
+        assert np.allclose(p["w"], w)
+
+
+def test_training_learns_and_writes_everything(tmp_path):
+    result = train.train(small_config(tmp_path), synthetic_data(), progress=False,
+                         evaluate_test=True)
+    assert result["best_val_acc"] > 0.8 and result["test_acc"] > 0.8
+    assert result["stopped"] == "completed" and result["epochs_run"] == 4
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [r["epoch"] for r in history["epochs"]] == [1, 2, 3, 4]
+    assert set(history["epochs"][0]) == {"epoch", "train_loss", "train_acc", "val_loss",
+                                        "val_acc", "lr", "seconds"}
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    net, meta = model.load_checkpoint(tmp_path / "best.npy")
+    assert meta["config"]["hidden_size"] == [32, 16] and meta["epoch"] == result["best_epoch"]
+
+
+def test_checkpoint_holds_the_best_epoch_not_the_last(tmp_path, monkeypatch):
+    # Two epochs of descent, then gradient ascent: the last epochs are the worst.
+    monkeypatch.setattr(train, "learning_rate", lambda config, t: 0.02 if t < 2 else -0.002)
+    data = synthetic_data()
+    result = train.train(small_config(tmp_path, epochs=4, flip=False, translate=0), data,
+                         progress=False)
+    accs = [r["val_acc"] for r in result["history"]]
+    assert result["best_epoch"] == 1 + int(np.argmax(accs)) <= 2 and accs[-1] < max(accs)
+    net, meta = model.load_checkpoint(tmp_path / "best.npy")
+    _, _, x_val, y_val = train.data_loader.split_validation(data[0], data[1], 100, 0)
+    loss, acc = train.evaluate(net, x_val, y_val, meta["mean"], meta["std"])
+    assert acc == max(accs) and meta["epoch"] == result["best_epoch"]
+
+
+def test_same_seed_same_history(tmp_path):
+    def run(seed, folder):
+        config = small_config(tmp_path / folder, seed=seed, dropout=0.2, epochs=2)
+        history = train.train(config, synthetic_data(), progress=False)["history"]
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in history]
+
+    assert run(1, "a") == run(1, "b")
+    assert run(1, "a") != run(2, "c")
+
+
+def test_divergence_stops_with_advice(tmp_path):
+    with pytest.raises(train.Diverged, match="smaller --lr"):
+        train.train(small_config(tmp_path, lr=1e6, reg=0.0, warmup_epochs=0.0), synthetic_data(),
+                    progress=False)
+
+
+def test_early_stopping_and_interruption_keep_the_best(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "learning_rate", lambda config, t: 0.02 if t < 1 else -0.002)
+    result = train.train(small_config(tmp_path / "a", epochs=6, patience=2), synthetic_data(),
+                         progress=False)
+    assert result["stopped"] == "early_stopping" and result["epochs_run"] < 6
+
+    def interrupt(record):
+        if record["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    result = train.train(small_config(tmp_path / "b"), synthetic_data(), on_epoch=interrupt,
+                         progress=False)
+    assert result["stopped"] == "interrupted" and result["epochs_run"] == 2
+    model.load_checkpoint(tmp_path / "b" / "best.npy")
+
+
+def test_batch_larger_than_the_data_is_refused(tmp_path):
+    with pytest.raises(train.cli.Error, match="batch-size"):
+        train.train(small_config(tmp_path, batch_size=10_000), synthetic_data(), progress=False)
+    assert not (tmp_path / "best.npy").exists()
