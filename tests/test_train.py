@@ -43,16 +43,24 @@ def test_schedules():
     assert train.learning_rate(c, 9.5) == 1.0
 
 
-@pytest.mark.parametrize("nesterov", [False, True])
-def test_sgd_momentum_matches_the_formula(nesterov):
-    p = {"w": np.array([1.0, -2.0])}
-    opt = train.SGD(p, momentum=0.9, nesterov=nesterov)
-    w, v = p["w"].copy(), np.zeros(2)
-    for g in ([0.5, 1.0], [0.2, -0.4]):
-        v = 0.9 * v - 0.1 * np.array(g)
-        w = w + (0.9 * v - 0.1 * np.array(g) if nesterov else v)
-        opt.step(p, {"w": np.array(g)}, 0.1)
-        assert np.allclose(p["w"], w)
+@pytest.mark.parametrize("momentum,nesterov", [(0.0, False), (0.9, False), (0.9, True)])
+def test_sgd_matches_the_formula(momentum, nesterov, monkeypatch):
+    monkeypatch.setattr(train.SGD, "BLOCK", 3)  # several blocks, one of them partial
+    rng = np.random.default_rng(0)
+    params = {"w1": rng.normal(size=(2, 4)), "b1": rng.normal(size=4)}
+    opt = train.SGD(params, momentum, nesterov, reg=0.1)
+    w, b = params["w1"].copy(), params["b1"].copy()
+    vw, vb = np.zeros_like(w), np.zeros_like(b)
+    for _ in range(3):
+        gw, gb = rng.normal(size=w.shape), rng.normal(size=b.shape)
+        dw = gw + 0.1 * w  # L2 on weights only
+        vw, vb = momentum * vw - 0.5 * dw, momentum * vb - 0.5 * gb
+        if nesterov:
+            w, b = w + momentum * vw - 0.5 * dw, b + momentum * vb - 0.5 * gb
+        else:
+            w, b = w + vw, b + vb
+        opt.step(params, {"w1": gw.copy(), "b1": gb.copy()}, 0.5)
+        assert np.allclose(params["w1"], w) and np.allclose(params["b1"], b)
 
 
 def test_training_learns_and_writes_everything(tmp_path):
