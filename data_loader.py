@@ -1,0 +1,389 @@
+"""CIFAR-10: fetch it safely, read its batch files without trusting pickle, and serve it.
+
+    train_x, train_y, test_x, test_y = load_data("data")
+    train_x, train_y, val_x, val_y = split_validation(train_x, train_y, val_size=5000, seed=0)
+    mean, std = compute_stats(train_x)           # from the training split only
+    x = normalize(augment(train_x[:128], rng, flip=True, translate=2), mean, std)
+
+Images are uint8 rows of 3072 values in the official order (the red plane, then green,
+then blue; each plane 32 rows of 32 pixels); labels are int64 class indices 0-9.
+"""
+import contextlib
+import hashlib
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+from tqdm import tqdm
+
+import cli
+
+URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+MD5 = "c58f30108f718f92721af3b95e74349a"
+ARCHIVE = "cifar-10-python.tar.gz"
+FOLDER = "cifar-10-batches-py"
+TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
+TEST_FILE = "test_batch"
+IMAGE_SHAPE = (3, 32, 32)  # channels, rows, columns
+PIXELS = 3 * 32 * 32
+N_CLASSES = 10
+
+TIMEOUT = 30  # seconds to connect, and to wait for each read of the download
+CHUNK = 1 << 20
+PART_PREFIX = "." + ARCHIVE + "."  # unfinished downloads: hidden, and never named ARCHIVE
+PART_SUFFIX = ".part"
+EXTRACT_PREFIX = ".cifar-10-extract-"
+STALE_SECONDS = 3600  # leftovers of a killed run older than this are deleted
+
+
+class DataError(cli.Error):
+    """CIFAR-10 cannot be obtained or read: a bad file, a failed download, a refused archive."""
+
+
+# --- obtaining the data ----------------------------------------------------------------------
+
+
+def load_data(data_dir="data", url=None, md5=None, progress=True):
+    """The CIFAR-10 training and test sets, downloaded and extracted into `data_dir` if needed.
+
+    Uses data_dir/cifar-10-batches-py if present, else data_dir/cifar-10-python.tar.gz, else
+    downloads the archive from `url` (default: $CIFAR10_URL, else the official URL). The archive
+    must have MD5 `md5` (default: $CIFAR10_MD5, else the official archive's checksum).
+    Returns train_images, train_labels, test_images, test_labels.
+    """
+    folder = os.path.join(data_dir, FOLDER)
+    if not os.path.isdir(folder):
+        url = url or os.environ.get("CIFAR10_URL") or URL
+        md5 = _check_md5_text(md5 or os.environ.get("CIFAR10_MD5") or MD5)
+        archive = os.path.join(data_dir, ARCHIVE)
+        try:
+            os.makedirs(data_dir, exist_ok=True)
+        except OSError as exc:
+            raise DataError(f"cannot create the data folder {data_dir}: "
+                            f"{exc.strerror or exc}") from None
+        _remove_stale(data_dir)
+        if os.path.isfile(archive):
+            _verify(archive, md5)
+        else:
+            download(url, archive, md5, progress)
+        extract(archive, data_dir)
+    return read_folder(folder)
+
+
+def _check_md5_text(md5):
+    md5 = md5.strip().lower()
+    if len(md5) != 32 or any(c not in "0123456789abcdef" for c in md5):
+        raise DataError(f"an MD5 checksum is 32 hex digits, got {md5!r} (argument or CIFAR10_MD5)")
+    return md5
+
+
+def _verify(archive, md5):
+    """Refuse an archive found on disk whose checksum is not the expected one."""
+    digest = hashlib.md5()
+    try:
+        with open(archive, "rb") as f:
+            while chunk := f.read(CHUNK):
+                digest.update(chunk)
+    except OSError as exc:
+        raise DataError(f"cannot read {archive}: {exc.strerror or exc}") from None
+    if digest.hexdigest() != md5:
+        raise DataError(f"{archive} has MD5 {digest.hexdigest()}, expected {md5}: it is damaged or "
+                        f"another file; delete it to download again, or set CIFAR10_MD5 to its "
+                        f"checksum if it is an archive you trust")
+
+
+def download(url, archive, md5, progress=True):
+    """Download `url` to `archive` through a temporary file that becomes `archive` only once
+    its MD5 matches: an interrupted or corrupt download leaves nothing behind."""
+    fd, part = tempfile.mkstemp(dir=os.path.dirname(archive) or ".", prefix=PART_PREFIX,
+                                suffix=PART_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            digest = _fetch(url, f, archive, progress)
+            f.flush()
+            os.fsync(f.fileno())
+        if digest != md5:
+            raise DataError(f"the download from {url} has MD5 {digest}, expected {md5}, and was "
+                            f"discarded; if {url} serves a different archive you trust, set "
+                            f"CIFAR10_MD5 to its checksum")
+        os.replace(part, archive)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(part)
+        raise
+
+
+def _fetch(url, f, archive, progress):
+    """Stream `url` into file `f`; return the MD5 hex digest of what arrived."""
+    digest, received, expected = hashlib.md5(), 0, None
+    try:
+        # urlopen verifies TLS certificates with the default SSL context.
+        with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
+            expected = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=expected, unit="B", unit_scale=True, unit_divisor=1024,
+                      desc="downloading CIFAR-10", disable=not progress, leave=False) as bar:
+                while chunk := response.read(CHUNK):
+                    f.write(chunk)
+                    digest.update(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+    except (OSError, ValueError) as exc:  # URLError, HTTPError and timeouts are OSErrors
+        reason = exc if isinstance(exc, urllib.error.HTTPError) else getattr(exc, "reason", exc)
+        raise DataError(f"cannot download CIFAR-10 from {url} ({reason}); download {URL} by "
+                        f"hand and put it at {archive}, or set CIFAR10_URL to a mirror") from None
+    if expected is not None and received != expected:
+        raise DataError(f"the download from {url} stopped after {received} of {expected} bytes "
+                        f"and was discarded; run again to retry")
+    return digest.hexdigest()
+
+
+def extract(archive, data_dir):
+    """Extract the cifar-10-batches-py folder of `archive` into `data_dir`, refusing members
+    that could land outside it; the folder appears only once complete."""
+    target = os.path.join(data_dir, FOLDER)
+    tmp = tempfile.mkdtemp(dir=data_dir, prefix=EXTRACT_PREFIX)
+    # tarfile's own 'data' filter is a second line of defence behind _check_member.
+    safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            for member in tar:  # one pass: check each member before it is written
+                _check_member(member, tmp, archive)
+                tar.extract(member, tmp, **safe)
+        extracted = os.path.join(tmp, FOLDER)
+        for name in TRAIN_FILES + [TEST_FILE]:
+            if not os.path.isfile(os.path.join(extracted, name)):
+                raise DataError(f"{archive} holds no {FOLDER}/{name}: it is not the CIFAR-10 "
+                                f"python archive; delete it to download again")
+        try:
+            os.rename(extracted, target)
+        except OSError:
+            if not os.path.isdir(target):  # else a concurrent run put it there first
+                raise
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise DataError(f"cannot extract {archive} ({exc}); delete it to download "
+                        f"again") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_member(member, root, archive):
+    """Admit only regular files and folders whose path stays inside `root`."""
+    name = member.name
+    root = os.path.realpath(root)
+    path = os.path.realpath(os.path.join(root, name))
+    if (os.path.isabs(name) or ".." in name.replace("\\", "/").split("/")
+            or os.path.commonpath([root, path]) != root):
+        raise DataError(f"refused {archive}: member {name!r} would land outside the target folder")
+    if not (member.isfile() or member.isdir()):
+        kind = "link" if member.issym() or member.islnk() else "special file"
+        raise DataError(f"refused {archive}: member {name!r} is a {kind}, and CIFAR-10 holds "
+                        f"only regular files")
+
+
+def _remove_stale(data_dir):
+    """Delete partial downloads and extractions left by a killed run (they are never read)."""
+    now = time.time()
+    for entry in os.scandir(data_dir):
+        partial = entry.name.startswith(PART_PREFIX) and entry.name.endswith(PART_SUFFIX)
+        if not (partial or entry.name.startswith(EXTRACT_PREFIX)):
+            continue
+        with contextlib.suppress(OSError):
+            if now - entry.stat(follow_symlinks=False).st_mtime > STALE_SECONDS:
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:
+                    os.remove(entry.path)
+
+
+# --- reading the batch files -----------------------------------------------------------------
+
+
+def _numpy_global(name):
+    try:  # NumPy 2 moved numpy.core to numpy._core; the official files name numpy.core
+        from numpy._core import multiarray
+    except ImportError:  # NumPy 1
+        from numpy.core import multiarray
+    return getattr(multiarray, name)
+
+
+def _latin1_encode(text, encoding="latin1"):
+    """What pickles written by Python 3 with protocol 2 call to rebuild a bytes object."""
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"_codecs.encode with {encoding!r}")
+    return text.encode("latin1")
+
+
+# Everything a CIFAR-10 batch may name (labels may be NumPy ints in re-saved files);
+# dicts, lists, str, bytes and ints need no global.
+_ALLOWED = {
+    ("numpy.core.multiarray", "_reconstruct"): lambda: _numpy_global("_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"): lambda: _numpy_global("_reconstruct"),
+    ("numpy.core.multiarray", "scalar"): lambda: _numpy_global("scalar"),  # NumPy ints
+    ("numpy._core.multiarray", "scalar"): lambda: _numpy_global("scalar"),
+    ("numpy", "ndarray"): lambda: np.ndarray,
+    ("numpy", "dtype"): lambda: np.dtype,
+    ("_codecs", "encode"): lambda: _latin1_encode,
+}
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """An unpickler that builds only NumPy arrays and plain containers: loading a crafted
+    file cannot run code."""
+
+    def __init__(self, file, path):
+        super().__init__(file, encoding="bytes")
+        self.path = path
+
+    def find_class(self, module, name):
+        if (module, name) not in _ALLOWED:
+            raise DataError(f"{self.path} is not a CIFAR-10 batch: it names {module}.{name}, "
+                            f"which was refused (a batch holds only NumPy arrays and lists)")
+        return _ALLOWED[module, name]()
+
+
+def read_batch(path):
+    """The images (uint8, (N, 3072)) and labels (int64, (N,)) of one batch file, checked."""
+    try:
+        with open(path, "rb") as f:
+            batch = _BatchUnpickler(f, path).load()
+    except DataError:
+        raise
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}; put the CIFAR-10 python "
+                        f"batches there or delete its folder to download them again") from None
+    except Exception as exc:  # any parse failure means a damaged file
+        raise DataError(f"{path} is damaged or not a CIFAR-10 batch ({type(exc).__name__}: "
+                        f"{exc}); delete its folder to download again") from None
+    if not isinstance(batch, dict):
+        raise DataError(f"{path} is not a CIFAR-10 batch: it holds a {type(batch).__name__}")
+    batch = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    return _check_batch(path, batch.get("data"), batch.get("labels"))
+
+
+def _check_batch(path, data, labels):
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
+            and data.shape[1] == PIXELS and len(data)):
+        described = (f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray)
+                     else type(data).__name__)
+        raise DataError(f"{path}: 'data' should be a uint8 array of shape (N, {PIXELS}), "
+                        f"got {described}")
+    try:
+        labels = np.asarray(labels)
+    except Exception:  # ragged or odd objects
+        labels = np.asarray([None])
+    if labels.dtype.kind not in "iu" or labels.shape != (len(data),):
+        raise DataError(f"{path}: 'labels' should be {len(data)} integers, got "
+                        f"{labels.dtype} values of shape {labels.shape}")
+    if labels.min() < 0 or labels.max() >= N_CLASSES:
+        raise DataError(f"{path}: labels must lie in 0-{N_CLASSES - 1}, found "
+                        f"{labels.min()} to {labels.max()}")
+    return data, labels.astype(np.int64)
+
+
+def read_folder(folder):
+    """The four arrays of a cifar-10-batches-py folder (see `load_data`)."""
+    return (*_read_batches(folder, TRAIN_FILES), *_read_batches(folder, [TEST_FILE]))
+
+
+def _read_batches(folder, names):
+    """Concatenate batch files into one preallocated array, one batch in memory at a time."""
+    images = labels = None
+    for i, name in enumerate(names):
+        path = os.path.join(folder, name)
+        data, y = read_batch(path)
+        if images is None:
+            n, first = len(y), path
+            images = np.empty((n * len(names), PIXELS), np.uint8)
+            labels = np.empty(n * len(names), np.int64)
+        elif len(y) != n:
+            raise DataError(f"{path} holds {len(y)} images but {first} holds {n}: the batch "
+                            f"files of {folder} do not belong together")
+        images[i * n:(i + 1) * n] = data
+        labels[i * n:(i + 1) * n] = y
+        del data  # frees the batch (and the pickle's buffer) before the next one is read
+    return images, labels
+
+
+# --- serving ---------------------------------------------------------------------------------
+
+
+def split_validation(images, labels, val_size=5000, seed=0):
+    """Hold out `val_size` images, stratified by class, chosen by `seed`.
+
+    Each class gives val_size * its share of the images (500 each for CIFAR-10's 5000);
+    the remainder goes to the classes with the largest fractional shares, ties drawn at
+    random. Returns train_images, train_labels, val_images, val_labels (copies, in order).
+    """
+    labels = np.asarray(labels)
+    n = len(labels)
+    if len(images) != n:
+        raise ValueError(f"{len(images)} images but {n} labels")
+    if not 0 < val_size < n:
+        raise DataError(f"--val-size must be between 1 and {n - 1} (the number of training "
+                        f"images minus one), got {val_size}")
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    quota, remainder = np.divmod(val_size * counts, n)  # exact integer shares
+    short = val_size - quota.sum()
+    quota[np.lexsort((rng.random(len(classes)), -remainder))[:short]] += 1
+    is_val = np.zeros(n, bool)
+    for c, q in zip(classes, quota):
+        is_val[rng.permutation(np.flatnonzero(labels == c))[:q]] = True
+    return images[~is_val], labels[~is_val], images[is_val], labels[is_val]
+
+
+def compute_stats(images, chunk_size=2048):
+    """Per-pixel mean and standard deviation (float32, (3072,)) of uint8 images.
+
+    Sums are exact integers accumulated chunk by chunk, so memory stays small and the
+    result does not depend on the order of the images. A constant pixel gets std 1.
+    """
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 2 or not len(images):
+        raise ValueError(f"expected a non-empty uint8 (N, D) array, got {images.dtype} "
+                         f"{images.shape}")
+    total = np.zeros(images.shape[1], np.int64)
+    squares = np.zeros(images.shape[1], np.int64)
+    for start in range(0, len(images), chunk_size):
+        block = images[start:start + chunk_size]
+        total += block.sum(axis=0, dtype=np.int64)
+        squares += np.square(block, dtype=np.uint16).sum(axis=0, dtype=np.int64)  # 255**2 fits
+    mean = total / len(images)
+    std = np.sqrt(np.maximum(squares / len(images) - mean ** 2, 0.0))
+    std[std == 0] = 1.0  # a pixel constant in training carries no information: leave it 0
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
+def normalize(images, mean, std, out=None):
+    """(images - mean) / std as float32 (or in `out`'s float type), without float64 temporaries."""
+    if out is None:
+        out = np.empty(images.shape, np.float32)
+    np.subtract(images, mean, out=out)
+    np.divide(out, std, out=out)
+    return out
+
+
+def augment(images, rng, flip=True, translate=0):
+    """A uint8 copy of `images` where each image is mirrored left-right with probability 1/2
+    (if `flip`) and shifted by up to `translate` pixels each way, the uncovered border zero."""
+    n = len(images)
+    src = np.asarray(images).reshape(n, *IMAGE_SHAPE)
+    flips = rng.random(n) < 0.5 if flip else np.zeros(n, bool)
+    if not translate:
+        out = src.copy()
+        out[flips] = out[flips, :, :, ::-1]
+        return out.reshape(n, PIXELS)
+    out = np.zeros_like(src)
+    size = IMAGE_SHAPE[1]
+    shifts = rng.integers(-translate, translate + 1, size=(n, 2))  # rows down, columns right
+    for i, (dy, dx) in enumerate(shifts.tolist()):  # one slice copy per image: ~2 us each
+        image = src[i, :, :, ::-1] if flips[i] else src[i]
+        out[i, :, max(dy, 0):size + min(dy, 0), max(dx, 0):size + min(dx, 0)] = \
+            image[:, max(-dy, 0):size + min(-dy, 0), max(-dx, 0):size + min(-dx, 0)]
+    return out.reshape(n, PIXELS)

@@ -1,0 +1,233 @@
+"""Pictures and metrics of a trained network, shared by train.py, test.py and the search.
+
+Figures are drawn on `matplotlib.figure.Figure` objects, never through pyplot, so no
+window opens, no backend or display is needed and nothing is left in global state.
+Each PNG is written atomically under a fixed name.
+
+`python utils.py --model results/best.npy` redraws every picture for a saved model.
+"""
+import argparse
+import json
+import math
+import os
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+import cli
+import data_loader
+import model
+
+IMAGE_SHAPE = (3, 32, 32)  # CIFAR-10 stores an image as its R, G and B planes
+INPUT_SIZE = math.prod(IMAGE_SHAPE)
+
+# The names every script uses, so that the pictures of a run are easy to find.
+CURVES_PNG = "curves.png"
+WEIGHTS_PNG = "weights.png"
+CONFUSION_PNG = "confusion_matrix.png"
+MISCLASSIFIED_PNG = "misclassified.png"
+
+
+# --- metrics ----------------------------------------------------------------------------------
+
+
+def predict_proba(net, images, mean, std, batch_size=2000):
+    """Class probabilities of uint8 images, normalised batch by batch to bound memory."""
+    buffer = np.empty((min(batch_size, len(images)), images.shape[1]), net.dtype)
+    probs = np.empty((len(images), net.output_size), net.dtype)
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        x = data_loader.normalize(chunk, mean, std, out=buffer[:len(chunk)])
+        probs[start:start + len(chunk)] = net.forward(x)
+    return probs
+
+
+def confusion_matrix(labels, predictions, n_classes):
+    """Counts of (true class, predicted class) pairs: rows are true, columns predicted."""
+    labels, predictions = np.asarray(labels), np.asarray(predictions)
+    if labels.shape != predictions.shape:
+        raise ValueError(f"{labels.shape} labels but {predictions.shape} predictions")
+    for name, a in (("labels", labels), ("predictions", predictions)):
+        if a.size and (a.min() < 0 or a.max() >= n_classes):
+            raise ValueError(f"{name} must lie in [0, {n_classes}), got {a.min()}..{a.max()}")
+    pairs = labels.astype(np.int64) * n_classes + predictions.astype(np.int64)
+    return np.bincount(pairs, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
+def class_metrics(counts):
+    """Per-class one-vs-rest accuracy, precision, recall and support from a confusion matrix.
+
+    A ratio whose denominator is zero (a class never predicted, or absent) is 0.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    n = counts.sum()
+    tp = np.diag(counts)
+    predicted, support = counts.sum(axis=0), counts.sum(axis=1)
+    tn = n - predicted - support + tp
+    ratio = lambda a, b: np.divide(a, b, out=np.zeros(len(a)), where=b > 0)
+    return {"accuracy": ratio(tp + tn, np.full(len(tp), n)), "precision": ratio(tp, predicted),
+            "recall": ratio(tp, support), "support": support}
+
+
+# --- figures ----------------------------------------------------------------------------------
+
+
+def save_figure(fig, path, dpi=100):
+    """Write `fig` to `path` as a PNG, atomically."""
+    with cli.atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")
+
+
+def plot_history(records, path):
+    """Training curves: loss, accuracy and learning rate per epoch, from train.py's records."""
+    fig = Figure(figsize=(15, 4.2), layout="constrained")
+    axes = fig.subplots(1, 3)
+    panels = [("Cross-entropy loss", [("train_loss", "train"), ("val_loss", "validation")]),
+              ("Accuracy", [("train_acc", "train"), ("val_acc", "validation")]),
+              ("Learning rate", [("lr", None)])]
+    for ax, (title, series) in zip(axes, panels):
+        for key, label in series:
+            points = [(r["epoch"], r[key]) for r in records if r.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o" if len(points) < 30 else None,
+                        markersize=3, label=label)
+        ax.set(title=title, xlabel="epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if ax.has_data() and any(label for _, label in series):
+            ax.legend()
+    best = [(r["val_acc"], r["epoch"]) for r in records if r.get("val_acc") is not None]
+    if best:
+        acc, epoch = max(best)
+        axes[1].axvline(epoch, color="grey", linestyle=":", linewidth=1)
+        axes[1].set_title(f"Accuracy (best validation {acc:.4f} at epoch {epoch})")
+    save_figure(fig, path)
+
+
+def plot_weights(w1, path, n=100):
+    """The first `n` first-layer weight vectors as 32x32 colour images, each scaled to [0, 1]."""
+    w1 = np.asarray(w1, dtype=np.float64)
+    if w1.ndim != 2 or w1.shape[0] != INPUT_SIZE:
+        raise cli.Error(f"first-layer weights of shape {w1.shape} are not 32x32 RGB images "
+                        f"(need {INPUT_SIZE} rows)")
+    n = min(n, w1.shape[1])
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(cols * 0.9, rows * 0.9 + 0.6), layout="constrained")
+    fig.suptitle(f"First-layer weights: {n} of {w1.shape[1]} hidden units")
+    for j, ax in enumerate(fig.subplots(rows, cols, squeeze=False).flat):
+        ax.set_axis_off()
+        if j < n:
+            image = w1[:, j].reshape(IMAGE_SHAPE).transpose(1, 2, 0)
+            low, high = image.min(), image.max()
+            ax.imshow((image - low) / (high - low) if high > low else np.zeros_like(image),
+                      interpolation="nearest")
+    save_figure(fig, path)
+
+
+def plot_confusion(counts, class_names, path):
+    """Confusion matrix with the count in every cell; rows are true classes."""
+    counts = np.asarray(counts)
+    c = len(class_names)
+    fig = Figure(figsize=(1.0 + 0.75 * c, 0.6 + 0.7 * c), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(counts, cmap="Blues")
+    fig.colorbar(image, ax=ax, shrink=0.8, label="images")
+    ax.set(xticks=range(c), yticks=range(c), xlabel="predicted class", ylabel="true class")
+    ax.set_xticklabels(class_names, rotation=45, ha="right", rotation_mode="anchor")
+    ax.set_yticklabels(class_names)
+    n = counts.sum()
+    ax.set_title(f"Confusion matrix: {np.trace(counts)} of {n} correct "
+                 f"(accuracy {np.trace(counts) / max(n, 1):.4f})")
+    threshold = counts.max() / 2
+    fontsize = 9 if counts.max() < 10000 else 7
+    for (i, j), value in np.ndenumerate(counts):
+        ax.text(j, i, str(value), ha="center", va="center", fontsize=fontsize,
+                color="white" if value > threshold else "black")
+    save_figure(fig, path)
+
+
+def plot_misclassified(images, labels, predictions, class_names, path, n=32):
+    """The first `n` misclassified images (uint8, CIFAR layout) with true and predicted labels."""
+    wrong = np.flatnonzero(np.asarray(labels) != np.asarray(predictions))[:n]
+    cols = 8
+    rows = max(1, math.ceil(len(wrong) / cols))
+    fig = Figure(figsize=(cols * 1.5, rows * 1.85 + 0.5), layout="constrained")
+    fig.suptitle(f"The first {len(wrong)} misclassified images, in test-set order")
+    for k, ax in enumerate(fig.subplots(rows, cols, squeeze=False).flat):
+        ax.set_axis_off()
+        if k < len(wrong):
+            i = wrong[k]
+            ax.imshow(np.asarray(images[i]).reshape(IMAGE_SHAPE).transpose(1, 2, 0),
+                      interpolation="nearest")
+            ax.set_title(f"true: {class_names[labels[i]]}\npred: {class_names[predictions[i]]}",
+                         fontsize=9, linespacing=1.3)
+    if not len(wrong):
+        fig.text(0.5, 0.5, "no misclassified images", ha="center", va="center")
+    save_figure(fig, path)
+
+
+# --- command line -----------------------------------------------------------------------------
+
+
+def load_history(path):
+    """The epoch records of a history.json written by train.py."""
+    try:
+        with open(path) as f:
+            return json.load(f)["epochs"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise cli.Error(f"cannot read training history {path}: {exc}") from None
+
+
+def load_test_set(data_dir, net, model_path):
+    """The CIFAR-10 test images and labels, refused if they do not fit the network."""
+    _, _, images, labels = data_loader.load_data(data_dir)
+    if images.shape[1] != net.input_size:
+        raise cli.Error(f"{model_path} takes {net.input_size} inputs per image but the images "
+                        f"in {data_dir} have {images.shape[1]}")
+    if len(labels) and labels.max() >= net.output_size:
+        raise cli.Error(f"{model_path} has {net.output_size} classes but the labels in "
+                        f"{data_dir} go up to {labels.max()}")
+    return images, labels
+
+
+def main(argv=None):
+    parser = cli.Parser(prog="utils.py", formatter_class=argparse.HelpFormatter,
+                        description="Redraw the pictures of a saved model: weights, training "
+                        "curves (from history.json beside the model), confusion matrix and "
+                        "misclassified test images.")
+    parser.add_argument("--model", default="results/best.npy",
+                        help="checkpoint to draw (default: results/best.npy)")
+    parser.add_argument("--data-dir", default="data",
+                        help="folder holding CIFAR-10 (default: data)")
+    parser.add_argument("--out-dir", help="folder for the pictures (default: the checkpoint's)")
+    parser.add_argument("--batch-size", type=int, default=2000,
+                        help="test images per forward pass (default: 2000)")
+    args = parser.parse_args(argv)
+    if args.batch_size <= 0:
+        parser.error("--batch-size must be positive")
+
+    net, meta = model.load_checkpoint(args.model)
+    out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.model))
+
+    def draw(plot, name, *plot_args):
+        plot(*plot_args, os.path.join(out_dir, name))
+        print(f"wrote {os.path.join(out_dir, name)}")
+
+    draw(plot_weights, WEIGHTS_PNG, net.w1)
+    history = os.path.join(os.path.dirname(os.path.abspath(args.model)), "history.json")
+    if os.path.exists(history):
+        draw(plot_history, CURVES_PNG, load_history(history))
+    else:
+        print(f"no {history}: skipping the training curves")
+    images, labels = load_test_set(args.data_dir, net, args.model)
+    predictions = predict_proba(net, images, meta["mean"], meta["std"], args.batch_size).argmax(1)
+    counts = confusion_matrix(labels, predictions, net.output_size)
+    draw(plot_confusion, CONFUSION_PNG, counts, meta["class_names"])
+    draw(plot_misclassified, MISCLASSIFIED_PNG, images, labels, predictions, meta["class_names"])
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)
