@@ -82,6 +82,9 @@ def run(main, argv=None):
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted\n")
         code = 130
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 1
     except Exception as exc:  # an unexpected failure: still one line unless debugging
         if debug:
             raise
@@ -108,6 +111,7 @@ def atomic_write(path, mode="wb"):
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
     except OSError as exc:
         _remove(tmp)
@@ -115,6 +119,10 @@ def atomic_write(path, mode="wb"):
     except BaseException:
         _remove(tmp)
         raise
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def _remove(path):

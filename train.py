@@ -121,9 +121,10 @@ def train_epoch(net, optimizer, images, labels, mean, std, config, epoch, rng, p
     return float(loss_sum / steps), float(correct / (steps * batch_size)), lr
 
 
-def train(config, data=None, on_epoch=None, progress=True, evaluate_test=False):
+def train(config, data=None, on_epoch=None, progress=True, evaluate_test=False, verbose=None):
     """Train with `config`; write best.npy, history.json and curves.png to config['save_dir'].
 
+    `progress` shows a progress bar, `verbose` (by default the same) a line per epoch.
     `on_epoch(record)` runs after each epoch; an exception from it stops training (the best
     checkpoint is already saved) and propagates. Ctrl-C stops cleanly and keeps the best.
     """
@@ -146,7 +147,8 @@ def train(config, data=None, on_epoch=None, progress=True, evaluate_test=False):
     save_dir = config["save_dir"]
     best_path = os.path.join(save_dir, "best.npy")
     history, best_acc, best_epoch, stopped = [], -1.0, 0, "completed"
-    say = tqdm.write if progress else (lambda message: None)
+    verbose = progress if verbose is None else verbose
+    say = (tqdm.write if progress else print) if verbose else (lambda message: None)
     try:
         for epoch in range(1, config["epochs"] + 1):
             start = time.perf_counter()
@@ -193,7 +195,7 @@ def main(argv):
                         "configuration key is an option; the defaults are config.py's.")
     parser.add_argument("--preset", default="default", choices=sorted(cfg.PRESETS),
                         help="a named recipe from config.py, applied before the other options")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar or epoch lines")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (epoch lines are still printed)")
     cli.add_config_options(parser, cfg.DEFAULT_CONFIG, cfg.HELP,
                            {**cfg.CHOICES, "activation": sorted(model.ACTIVATIONS)})
     args = parser.parse_args(argv)
@@ -202,7 +204,7 @@ def main(argv):
     except cli.Error as exc:
         parser.error(str(exc))
     start = time.perf_counter()
-    result = train(config, progress=not args.no_progress, evaluate_test=True)
+    result = train(config, progress=not args.no_progress, evaluate_test=True, verbose=True)
     minutes = (time.perf_counter() - start) / 60
     if not result["best_epoch"]:
         raise cli.Error("interrupted before the first epoch ended: nothing was saved")
