@@ -97,7 +97,8 @@ def torch_epoch_seconds(config, images, labels):
 
 def main(argv):
     parser = cli.Parser(description=__doc__.split("\n\n")[0])
-    cli.add_config_options(parser, {**BENCH_DEFAULTS}, BENCH_HELP)
+    cli.add_config_options(parser, {**BENCH_DEFAULTS}, BENCH_HELP,
+                           {"activation": sorted(model.ACTIVATIONS)})
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     args = parser.parse_args(argv)
     settings = {**BENCH_DEFAULTS, **cli.overrides(args, BENCH_DEFAULTS)}

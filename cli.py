@@ -17,6 +17,10 @@ class Error(Exception):
     """A failure with a message the user can act on (bad file, bad value, no data)."""
 
 
+class UsageError(Error):
+    """A bad command-line value found after parsing: exits 2, as argparse's errors do."""
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with the project's error format: one `error:` line, exit status 2."""
 
@@ -77,8 +81,8 @@ def run(main, argv=None):
     except Error as exc:
         if debug:
             traceback.print_exc()
-        sys.stderr.write(f"error: {exc}\n")
-        code = 1
+        sys.stderr.write(f"error: {one_line(exc)}\n")
+        code = 2 if isinstance(exc, UsageError) else 1
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted\n")
         code = 130
@@ -88,9 +92,26 @@ def run(main, argv=None):
     except Exception as exc:  # an unexpected failure: still one line unless debugging
         if debug:
             raise
-        sys.stderr.write(f"error: {type(exc).__name__}: {exc} (run with --debug for the traceback)\n")
+        sys.stderr.write(f"error: {type(exc).__name__}: {one_line(exc)} "
+                         "(run with --debug for the traceback)\n")
         code = 1
     sys.exit(code or 0)
+
+
+def one_line(exc):
+    """The message of `exc` on one line, however many lines it holds."""
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
+def writable_folder(path):
+    """Create folder `path` if needed and prove that it takes files, before any work is done."""
+    path = path or "."
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise Error(f"cannot write to the folder {path}: {exc.strerror or exc}") from None
 
 
 @contextlib.contextmanager
@@ -113,6 +134,7 @@ def atomic_write(path, mode="wb"):
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
+        _sync_folder(folder)
     except OSError as exc:
         _remove(tmp)
         raise Error(f"cannot write {path}: {exc.strerror or exc}") from exc
@@ -123,6 +145,20 @@ def atomic_write(path, mode="wb"):
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+
+def _sync_folder(folder):
+    """Make a rename in `folder` survive a power cut (a crash of the process needs nothing)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open a folder: nothing to do
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a folder; the rename stands anyway
+        pass
+    finally:
+        os.close(fd)
 
 
 def _remove(path):

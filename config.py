@@ -1,4 +1,6 @@
 """Defaults, presets and class names; every key is a command-line option of train.py."""
+import math
+
 from cli import Error
 
 CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer",
@@ -11,7 +13,7 @@ CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer",
 DEFAULT_CONFIG = {
     "hidden_size": [1024, 1024],
     "activation": "relu",
-    "epochs": 40,
+    "epochs": 80,
     "batch_size": 128,
     "lr": 0.05,
     "lr_schedule": "onecycle",
@@ -76,7 +78,7 @@ PRESETS = {
     "fast": {"hidden_size": [512, 512], "epochs": 10, "batch_size": 128, "lr": 0.05,
              "warmup_epochs": 1.0, "translate": 0},
     # The longer recipe: wider and longer, within 30 minutes.
-    "best": {"hidden_size": [2048, 2048], "epochs": 60, "dropout": 0.1},
+    "best": {"hidden_size": [2048, 2048], "epochs": 80, "dropout": 0.1},
 }
 
 
@@ -101,6 +103,9 @@ def check(config):
         if not ok:
             raise Error(message)
 
+    for key, value in config.items():  # inf and nan pass the comparisons below
+        need(not isinstance(value, float) or math.isfinite(value),
+             f"--{key.replace('_', '-')} must be a finite number, got {value}")
     hidden = config["hidden_size"]
     need(len(hidden) == 2 and all(isinstance(h, int) and h > 0 for h in hidden),
          f"--hidden-size takes one or two positive ints, got {hidden}")
@@ -117,6 +122,7 @@ def check(config):
     need(0 <= config["translate"] <= 16, f"--translate must be in [0, 16], got {config['translate']}")
     need(config["val_size"] > 0, f"--val-size must be positive, got {config['val_size']}")
     need(config["patience"] >= 0, "--patience must be >= 0")
+    need(config["seed"] >= 0, f"--seed must be >= 0, got {config['seed']}")
     for key, options in CHOICES.items():
         need(config[key] in options, f"--{key.replace('_', '-')} must be one of "
                                      f"{', '.join(options)}, got {config[key]!r}")

@@ -18,6 +18,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import warnings
 
 import numpy as np
 from tqdm import tqdm
@@ -250,7 +251,8 @@ class _BatchUnpickler(pickle.Unpickler):
 def read_batch(path):
     """The images (uint8, (N, 3072)) and labels (int64, (N,)) of one batch file, checked."""
     try:
-        with open(path, "rb") as f:
+        with open(path, "rb") as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # NumPy's warnings about a crafted file's values
             batch = _BatchUnpickler(f, path).load()
     except DataError:
         raise

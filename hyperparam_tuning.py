@@ -894,6 +894,16 @@ def _positive(kind):
     return parse
 
 
+def _count(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _study_name(text):
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", text):
         raise argparse.ArgumentTypeError("use letters, digits, '.', '_' and '-'")
@@ -925,9 +935,9 @@ def build_parser():
     s.add_argument("--pruner", choices=PRUNERS, default="none",
                    help="stop poor trials early on their per-epoch validation accuracy: "
                         "median or successive halving (default: none)")
-    s.add_argument("--prune-startup", type=int, default=5, metavar="N",
+    s.add_argument("--prune-startup", type=_count, default=5, metavar="N",
                    help="median: complete trials before any pruning (default: 5)")
-    s.add_argument("--prune-warmup", type=int, default=1, metavar="EPOCHS",
+    s.add_argument("--prune-warmup", type=_count, default=1, metavar="EPOCHS",
                    help="epochs every trial runs before it may be pruned (default: 1)")
     s.add_argument("--workers", type=_positive(int), default=1, metavar="N",
                    help="local worker processes; each gets cores/N BLAS threads (default: 1)")
@@ -956,11 +966,28 @@ def build_parser():
     return parser
 
 
+def check_fits(plan, n_images):
+    """Refuse a search whose largest --val-size and --batch-size the data cannot fill."""
+    config = dict(plan["base"])
+    for key in ("val_size", "batch_size"):
+        p = plan["space"].get(key)
+        if p:
+            config[key] = max(p["choices"]) if "choices" in p else int(p["high"])
+    train.check_fits(config, n_images)
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     catch_interrupts()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    plan = make_plan(args)
+    try:
+        plan = make_plan(args)
+    except cli.Error as exc:  # a bad option value: a usage error, exit status 2
+        raise cli.UsageError(str(exc)) from exc
+    # Before the study is written: a download happens here once, and every check is done.
+    data = data_loader.load_data(plan["data_dir"])
+    check_fits(plan, len(data[0]))
+    cli.writable_folder(plan["out_dir"])
     job = Job(plan)
     job.lock.acquire()
     try:
@@ -971,7 +998,6 @@ def main(argv=None):
     failed_workers = 0
     try:
         if has_work:
-            data = data_loader.load_data(plan["data_dir"])  # here once: a download happens once
             if plan["workers"] == 1:
                 job.data = data
                 job.run()

@@ -4,6 +4,7 @@ Layers follow the CS231n pattern: a forward returns (out, cache) and its backwar
 takes (dout, cache). Activations live in one registry, so adding one is one entry.
 """
 import json
+import warnings
 from collections import namedtuple
 
 import numpy as np
@@ -224,11 +225,15 @@ def save_checkpoint(path, net, mean, std, class_names, config, **extra):
 def load_checkpoint(path):
     """Load (net, meta) from `path`; meta holds mean, std, class_names, config and extras."""
     try:
-        archive = np.load(path, allow_pickle=False)
-        if not isinstance(archive, np.lib.npyio.NpzFile):
-            raise CheckpointError(f"{path} holds a single array, not a checkpoint")
-        with archive:
-            arrays = {name: archive[name] for name in archive.files}
+        # Our own open file: np.load leaves its own open when the archive is bad. A crafted
+        # file can make NumPy warn; the error below says all, in one line.
+        with open(path, "rb") as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            archive = np.load(f, allow_pickle=False)
+            if not isinstance(archive, np.lib.npyio.NpzFile):
+                raise CheckpointError(f"{path} holds a single array, not a checkpoint")
+            with archive:
+                arrays = {name: archive[name] for name in archive.files}
     except CheckpointError:
         raise
     except FileNotFoundError:
@@ -245,12 +250,19 @@ def _checkpoint_from_arrays(path, arrays):
 
     missing = [k for k in (*PARAM_NAMES, "mean", "std", "meta") if k not in arrays]
     need(not missing, f"missing {', '.join(missing)}")
+    # NpzFile hands back raw bytes for a member that is not in .npy format.
+    odd = [k for k, a in arrays.items() if not isinstance(a, np.ndarray)]
+    need(not odd, f"{', '.join(odd)} not stored as arrays")
     try:
         meta = json.loads(str(arrays["meta"][()]))
-        activation, class_names = meta["activation"], list(meta["class_names"])
-    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        activation, class_names = meta["activation"], meta["class_names"]
+    except (ValueError, KeyError, TypeError, IndexError, RecursionError) as exc:
         raise CheckpointError(f"{path} is not a valid checkpoint: bad metadata ({exc})") from None
-    need(activation in ACTIVATIONS, f"unknown activation {activation!r}")
+    need(isinstance(activation, str) and activation in ACTIVATIONS,
+         f"unknown activation {activation!r}")
+    need(isinstance(class_names, list) and all(isinstance(n, str) for n in class_names),
+         "class_names is not a list of names")
+    need(isinstance(meta.get("config", {}), dict), "config is not a dict")
     params = {k: arrays[k] for k in PARAM_NAMES}
     dtype = params["w1"].dtype
     need(dtype in (np.float32, np.float64), f"weights have dtype {dtype}, not float32/64")
@@ -258,6 +270,7 @@ def _checkpoint_from_arrays(path, arrays):
     need(all(p.ndim == (2 if k[0] == "w" else 1) for k, p in params.items()),
          "weights of the wrong rank")
     (d, h1), (h1b, h2), (h2b, c) = (params[k].shape for k in ("w1", "w2", "w3"))
+    need(min(d, h1, h2, c) > 0, "a layer of size 0")
     need(h1 == h1b and h2 == h2b and params["b1"].shape == (h1,) and params["b2"].shape == (h2,)
          and params["b3"].shape == (c,), "layer shapes do not chain")
     need(len(class_names) == c, f"{len(class_names)} class names for {c} outputs")

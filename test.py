@@ -8,6 +8,7 @@ and class names.
 """
 import argparse
 import os
+import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -26,18 +27,26 @@ def load_image(path):
     squashed; transparent areas become white.
     """
     try:
-        with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img)  # phone photos store their rotation in EXIF
-            if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
-                rgba = img.convert("RGBA")
-                img = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
-            img = ImageOps.fit(img.convert("RGB"), utils.IMAGE_SHAPE[1:],
-                               Image.Resampling.LANCZOS)
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        with warnings.catch_warnings():
+            # Past PIL's pixel limit an image is refused, not decoded after a warning.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = _open_image(path)
+    except (OSError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as exc:
         # UnidentifiedImageError and truncated files are OSErrors too.
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
         raise cli.Error(f"cannot read image {path}: {reason}") from None
     return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).reshape(-1)
+
+
+def _open_image(path):
+    """The picture at `path` as a 32x32 RGB image (see `load_image`)."""
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)  # phone photos store their rotation in EXIF
+        if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+            rgba = img.convert("RGBA")
+            img = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+        return ImageOps.fit(img.convert("RGB"), utils.IMAGE_SHAPE[1:], Image.Resampling.LANCZOS)
 
 
 def classify_images(net, meta, paths, top=3):
@@ -100,6 +109,7 @@ def main(argv=None):
         return 0
 
     images, labels = utils.load_test_set(args.data_dir, net, args.model)
+    cli.writable_folder(args.out_dir)
     probs = utils.predict_proba(net, images, meta["mean"], meta["std"], args.batch_size)
     predictions = probs.argmax(axis=1)
     metrics = {"model": args.model, **evaluation_metrics(labels, predictions, meta["class_names"])}

@@ -121,6 +121,16 @@ def train_epoch(net, optimizer, images, labels, mean, std, config, epoch, rng, p
     return float(loss_sum / steps), float(correct / (steps * batch_size)), lr
 
 
+def check_fits(config, n_images):
+    """Refuse a validation split or a batch that `n_images` training images cannot fill."""
+    if not 0 < config["val_size"] < n_images:
+        raise cli.Error(f"--val-size must be between 1 and {n_images - 1} (the number of "
+                        f"training images minus one), got {config['val_size']}")
+    if config["batch_size"] > n_images - config["val_size"]:
+        raise cli.Error(f"--batch-size {config['batch_size']} is larger than the "
+                        f"{n_images - config['val_size']} training images")
+
+
 def train(config, data=None, on_epoch=None, progress=True, evaluate_test=False, verbose=None):
     """Train with `config`; write best.npy, history.json and curves.png to config['save_dir'].
 
@@ -131,11 +141,10 @@ def train(config, data=None, on_epoch=None, progress=True, evaluate_test=False, 
     cfg.check(config)
     model.get_activation(config["activation"])
     images, labels, test_images, test_labels = data or data_loader.load_data(config["data_dir"])
+    check_fits(config, len(images))
+    cli.writable_folder(config["save_dir"])  # an unwritable folder fails now, not after epoch 1
     x_train, y_train, x_val, y_val = data_loader.split_validation(
         images, labels, config["val_size"], config["seed"])
-    if config["batch_size"] > len(x_train):
-        raise cli.Error(f"--batch-size {config['batch_size']} is larger than the "
-                        f"{len(x_train)} training images")
     mean, std = data_loader.compute_stats(x_train)
 
     dtype = np.dtype(config["dtype"])

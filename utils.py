@@ -210,6 +210,7 @@ def main(argv=None):
 
     net, meta = model.load_checkpoint(args.model)
     out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.model))
+    cli.writable_folder(out_dir)
 
     def draw(plot, name, *plot_args):
         plot(*plot_args, os.path.join(out_dir, name))
