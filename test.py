@@ -86,19 +86,12 @@ def main(argv=None):
     parser = cli.Parser(prog="test.py", formatter_class=argparse.HelpFormatter,
                         description="Evaluate a saved model on the CIFAR-10 test set, or "
                         "classify your own pictures with --image.")
-    parser.add_argument("--model", default="results/best.npy",
-                        help="checkpoint to evaluate (default: results/best.npy)")
-    parser.add_argument("--data-dir", default="data",
-                        help="folder holding CIFAR-10 (default: data)")
+    utils.add_model_options(parser, "checkpoint to evaluate")
     parser.add_argument("--out-dir", default="results", help="folder for the confusion matrix, "
                         "misclassified images and metrics JSON (default: results)")
     parser.add_argument("--image", nargs="+", metavar="PATH", help="classify these pictures "
                         "instead (PNG, JPEG, ...; any size): top three classes each")
-    parser.add_argument("--batch-size", type=int, default=2000,
-                        help="test images per forward pass (default: 2000)")
-    args = parser.parse_args(argv)
-    if args.batch_size <= 0:
-        parser.error("--batch-size must be positive")
+    args = utils.parse_model_options(parser, argv)
 
     net, meta = model.load_checkpoint(args.model)
     if args.image:

@@ -204,7 +204,8 @@ def main(argv):
                         "configuration key is an option; the defaults are config.py's.")
     parser.add_argument("--preset", default="default", choices=sorted(cfg.PRESETS),
                         help="a named recipe from config.py, applied before the other options")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (epoch lines are still printed)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (epoch lines are still printed)")
     cli.add_config_options(parser, cfg.DEFAULT_CONFIG, cfg.HELP,
                            {**cfg.CHOICES, "activation": sorted(model.ACTIVATIONS)})
     args = parser.parse_args(argv)

@@ -192,21 +192,31 @@ def load_test_set(data_dir, net, model_path):
     return images, labels
 
 
+def add_model_options(parser, model_help):
+    """--model, --data-dir and --batch-size: what test.py and utils.py both take."""
+    parser.add_argument("--model", default="results/best.npy",
+                        help=f"{model_help} (default: results/best.npy)")
+    parser.add_argument("--data-dir", default="data",
+                        help="folder holding CIFAR-10 (default: data)")
+    parser.add_argument("--batch-size", type=int, default=2000,
+                        help="test images per forward pass (default: 2000)")
+
+
+def parse_model_options(parser, argv):
+    args = parser.parse_args(argv)
+    if args.batch_size <= 0:
+        parser.error("--batch-size must be positive")
+    return args
+
+
 def main(argv=None):
     parser = cli.Parser(prog="utils.py", formatter_class=argparse.HelpFormatter,
                         description="Redraw the pictures of a saved model: weights, training "
                         "curves (from history.json beside the model), confusion matrix and "
                         "misclassified test images.")
-    parser.add_argument("--model", default="results/best.npy",
-                        help="checkpoint to draw (default: results/best.npy)")
-    parser.add_argument("--data-dir", default="data",
-                        help="folder holding CIFAR-10 (default: data)")
+    add_model_options(parser, "checkpoint to draw")
     parser.add_argument("--out-dir", help="folder for the pictures (default: the checkpoint's)")
-    parser.add_argument("--batch-size", type=int, default=2000,
-                        help="test images per forward pass (default: 2000)")
-    args = parser.parse_args(argv)
-    if args.batch_size <= 0:
-        parser.error("--batch-size must be positive")
+    args = parse_model_options(parser, argv)
 
     net, meta = model.load_checkpoint(args.model)
     out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.model))

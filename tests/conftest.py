@@ -2,13 +2,26 @@
 
 Other test modules may `from conftest import make_cifar_dir, make_archive`.
 """
+import importlib.util
 import io
 import os
 import pickle
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_script(name):
+    """Import a top-level script by path: `import test` would find Python's own test package."""
+    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]

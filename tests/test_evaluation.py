@@ -1,5 +1,4 @@
 """test.py and utils.py: metrics against an independent count, plots, --image, errors."""
-import importlib.util
 import json
 import os
 import re
@@ -15,18 +14,10 @@ import cli
 import config as cfg
 import model
 import utils
-from conftest import make_cifar_dir
+from conftest import load_script, make_cifar_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def load_script(name):
-    """Import a top-level script by path: `import test` would find Python's own test package."""
-    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 evaluate = load_script("test")

@@ -15,7 +15,6 @@ interrupted and corrupt downloads (test_data_loader.py), kill -9 and resume of a
 import codecs
 import errno
 import functools
-import importlib.util
 import io
 import json
 import os
@@ -46,7 +45,7 @@ import hyperparam_tuning as ht
 import model
 import train
 import utils
-from conftest import batch_bytes, make_cifar_dir
+from conftest import batch_bytes, load_script, make_cifar_dir
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -55,14 +54,6 @@ TMP_NAME = re.compile(r"^\..+\.tmp$")  # atomic_write's temporary files: hidden,
 # Tiny training runs: 100 synthetic images, 20 held out, batches of 10, 8 hidden units.
 TINY = ["--epochs", "2", "--hidden-size", "8", "--val-size", "20", "--batch-size", "10",
         "--warmup-epochs", "0", "--translate", "0"]
-
-
-def load_script(name):
-    """Import a top-level script by path: `import test` would find Python's own package."""
-    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 evaluate = load_script("test")
