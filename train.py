@@ -46,24 +46,28 @@ class SGD:
 
     BLOCK = 1 << 15  # float32 elements: 128 KB per array, three arrays fit in L2
 
-    def __init__(self, params, momentum=0.0, nesterov=False, reg=0.0, regularized=("w1", "w2", "w3")):
+    def __init__(self, params, momentum=0.0, nesterov=False, reg=0.0,
+                 regularized=("w1", "w2", "w3")):
         self.momentum, self.nesterov = momentum, nesterov
         self.reg = {name: reg if name in regularized else 0.0 for name in params}
-        self.velocity = {k: np.zeros_like(p) for k, p in params.items()} if momentum else {}
+        self.velocity = {k: np.zeros_like(p) if momentum else None for k, p in params.items()}
 
     def step(self, params, grads, lr):
         for name, p in params.items():
             # Flat views (parameters, gradients and velocities are contiguous).
-            p, g, v = (a.reshape(-1) for a in (p, grads[name], self.velocity.get(name, p)))
+            p, g = p.reshape(-1), grads[name].reshape(-1)
+            v = self.velocity[name]
+            v = None if v is None else v.reshape(-1)
             for i in range(0, p.size, self.BLOCK):
                 block = slice(i, i + self.BLOCK)
-                self._update(p[block], g[block], v[block], lr, self.reg[name])
+                self._update(p[block], g[block], None if v is None else v[block], lr,
+                             self.reg[name])
 
     def _update(self, p, g, v, lr, reg):
         if reg:
             g += reg * p
         g *= lr  # the gradient arrays are fresh each step, so they may be overwritten
-        if not self.momentum:
+        if v is None:
             p -= g
             return
         v *= self.momentum
