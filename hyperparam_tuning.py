@@ -6,29 +6,52 @@
         --n-trials 30 --pruner median --workers 2
     python hyperparam_tuning.py --storage postgresql+psycopg2://user@host/db   # on each machine
 
-Each trial is one train.train() run saved in <out-dir>/trial_<number>/. The study is kept
-in an Optuna journal file (<out-dir>/study.journal) or in the --storage database, so the
-same command run again resumes it: finished trials are kept and trials cut short by a kill
-are run again. Results in <out-dir>: trials.json, trials.csv, best_result.json, best.npy
-(the best trial's checkpoint, for test.py) and three plots.
+Each trial is one train.train() run in <out-dir>/trial_<n>/. The same command run again
+resumes the study. Results in <out-dir>: trials.json, trials.csv, best_result.json, best.npy
+and the plots.
+
+How workers share a study (for maintainers)
+- Storage: an Optuna journal file or PostgreSQL, nothing else: other databases hand out
+  queued trials non-atomically.
+- The claim lock (an flock on <journal>.claim, or a PostgreSQL advisory lock on the study
+  name, shared by every machine) is held while a worker opens the study, retires dead
+  trials, queues missing grid points, checks the budget, asks for a trial and records itself
+  in it. So no grid point and no slot of the budget is ever taken twice.
+- Liveness: each worker holds a token for its whole life, an flock on
+  <journal>.workers/<uuid> or an advisory lock on the uuid, which the kernel or the server
+  drops when the process dies, whatever its host, container or PID namespace. A RUNNING
+  trial is dead exactly when its token can be taken (or it has none: its worker died before
+  letting go of the claim lock). A dead trial is failed as interrupted and run again in its
+  own folder, continuing from its last epoch. A trial retired while its worker still runs
+  (a dropped database session) is reported at tell, not a crash.
+- Failures: one of the configuration (divergence, a bad value) is final. One of the machine
+  (an OSError while writing, e.g. a full disk) or a signal marks the trial interrupted, to be
+  rerun, and stops the worker.
+- The journal: an unfinished last line (a full disk, a power cut) is moved to
+  <journal>.torn before the next append, under the journal's own write lock.
+- Seeds: each trial's sampler seed derives from (--sampler-seed, worker, trials in the
+  study), so a resumed or parallel seeded search draws new points, reproducibly.
 """
 import argparse
+import contextlib
 import csv
-import functools
+import fcntl
 import itertools
 import json
 import math
 import multiprocessing
 import os
 import re
-import shutil
 import signal
 import socket
 import sys
+import threading
 import time
+import uuid
 import warnings
 import zlib
 
+import numpy as np
 import optuna
 from optuna.trial import TrialState
 
@@ -46,15 +69,16 @@ DEFAULT_PRESET = "fast"
 DEFAULT_SPACE = ["lr=0.01,0.05", "hidden_size=256,512", "reg=1e-4,1e-3", "activation=relu,tanh"]
 DEFAULT_DECAYS = "lr_decay=0.9,0.95"
 ALIASES = {"learning_rate": "lr", "reg_lambda": "reg"}  # the report's names
-NOT_SEARCHED = ("data_dir", "save_dir")
+LOCAL_KEYS = ("data_dir", "save_dir")  # may differ between machines; never searched
 TRAIN_OPTIONS = {k: v for k, v in cfg.DEFAULT_CONFIG.items() if k != "save_dir"}
-# Base-configuration keys a machine may set differently from the others in one study.
-LOCAL_KEYS = ("data_dir", "save_dir")
-HEARTBEAT_SECONDS = 30  # RDB storages: a running trial silent for 2x this is retried
 BLAS_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+MAX_WORKERS = 4 * CORES
+TOKEN = re.compile(r"[0-9a-f]{32}")
+STATE_FILE = getattr(train, "STATE_FILE", "resume_state.npz")  # TODO: train.STATE_FILE
 FILES = {"json": "trials.json", "csv": "trials.csv", "best": "best_result.json",
          "model": "best.npy", "history": "optimization_history.png",
-         "importance": "param_importance.png", "lr_reg": "val_acc_lr_reg.png"}
+         "importance": "param_importance.png"}  # and val_acc_<a>_<b>.png
 
 
 # --- search space -----------------------------------------------------------------------------
@@ -80,19 +104,20 @@ def load_space_file(path):
     """The search space in a JSON file: {"lr": [0.01, 0.05], "reg": {"low": 1e-4, "high":
     1e-2, "log": true}, "hidden_size": [256, [512, 256]], "activation": "relu,tanh"}."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             spec = json.load(f)
     except OSError as exc:
         raise cli.Error(f"cannot read --space-file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise cli.Error(f"--space-file {path} is not UTF-8 text") from None
+    except RecursionError:
+        raise cli.Error(f"--space-file {path} is nested too deeply") from None
     except json.JSONDecodeError as exc:
         raise cli.Error(f"--space-file {path} is not valid JSON: {exc}") from None
     if not isinstance(spec, dict):
         raise cli.Error(f"--space-file {path} must hold a JSON object of key: values")
-    space = {}
-    for name, value in spec.items():
-        key = space_key(name)
-        space[key] = parse_param(key, _as_text(key, value, path))
-    return space
+    return {space_key(name): parse_param(space_key(name), _as_text(space_key(name), value, path))
+            for name, value in spec.items()}
 
 
 def _as_text(key, value, path):
@@ -104,21 +129,21 @@ def _as_text(key, value, path):
             raise cli.Error(f"--space-file {path}: {key} must be a list of values or "
                             f'{{"low": .., "high": .., "log": true|false}}')
         return f"{value['low']}:{value['high']}" + (":log" if value.get("log") else "")
-    values = value if isinstance(value, list) else [value]
 
     def text(v):
         if isinstance(v, list):
             return "x".join(str(h) for h in v)
         return str(v).lower() if isinstance(v, bool) else str(v)
 
-    return ",".join(text(v) for v in values)
+    return ",".join(text(v) for v in (value if isinstance(value, list) else [value]))
 
 
 def space_key(name):
     """The config key a --space name means (dashes, the report's names allowed)."""
-    key = ALIASES.get(name.strip().replace("-", "_"), name.strip().replace("-", "_"))
-    if key not in cfg.DEFAULT_CONFIG or key in NOT_SEARCHED:
-        keys = ", ".join(k for k in cfg.DEFAULT_CONFIG if k not in NOT_SEARCHED)
+    key = name.strip().replace("-", "_")
+    key = ALIASES.get(key, key)
+    if key not in cfg.DEFAULT_CONFIG or key in LOCAL_KEYS:
+        keys = ", ".join(k for k in cfg.DEFAULT_CONFIG if k not in LOCAL_KEYS)
         raise cli.Error(f"cannot search {name!r}: not a training option; choose from {keys}")
     return key
 
@@ -136,7 +161,7 @@ def parse_param(key, text):
     parts = parts[:-1] if log else parts
     if len(parts) != 2 or isinstance(default, (bool, str)):
         raise cli.Error(f"--space {key}={text}: a range is lo:hi or lo:hi:log, and only for "
-                        f"numbers")
+                        "numbers")
     is_int = isinstance(default, (int, list))  # a hidden-size range sizes both layers
     try:
         low, high = (int(p) if is_int else float(p) for p in parts)
@@ -179,9 +204,8 @@ def config_values(params):
 
 def grid(space):
     """Every combination of a space of choices, in the order given."""
-    keys = list(space)
-    return [dict(zip(keys, values))
-            for values in itertools.product(*(space[k]["choices"] for k in keys))]
+    return [dict(zip(space, values))
+            for values in itertools.product(*(p["choices"] for p in space.values()))]
 
 
 def suggest(trial, space):
@@ -206,9 +230,8 @@ def make_plan(args):
     space = load_space_file(args.space_file) if args.space_file else {}
     space.update(parse_space(args.space or []))
     if not space:
-        space = parse_space(DEFAULT_SPACE + ([DEFAULT_DECAYS] if base["lr_schedule"] == "step"
-                                             else []))
-        space = {k: p for k, p in space.items() if k not in fixed}
+        default = DEFAULT_SPACE + ([DEFAULT_DECAYS] if base["lr_schedule"] == "step" else [])
+        space = {k: p for k, p in parse_space(default).items() if k not in fixed}
     both = sorted(set(space) & set(fixed))
     if both:
         raise cli.Error(f"--{both[0].replace('_', '-')} is fixed and also searched in --space; "
@@ -220,14 +243,14 @@ def make_plan(args):
         raise cli.Error(f"--sampler grid needs lists of values, but {ranges[0]} is a range "
                         "lo:hi; list values or use --sampler random or tpe")
     _check_values(args.preset, fixed, space)
+    out_dir = args.out_dir or os.path.join("results", args.study_name)
+    storage = args.storage or os.path.join(out_dir, "study.journal")
+    check_storage(storage)
     n_trials = args.n_trials
     if args.sampler != "grid" and n_trials is None and args.timeout is None:
         n_trials = 20
-    name = args.study_name
-    out_dir = args.out_dir or os.path.join("results", name)
     return {
-        "study_name": name, "out_dir": out_dir,
-        "storage": args.storage or os.path.join(out_dir, "study.journal"),
+        "study_name": args.study_name, "out_dir": out_dir, "storage": storage,
         "sampler": args.sampler, "sampler_seed": args.sampler_seed, "space": space,
         "preset": args.preset, "fixed": fixed, "base": base, "n_trials": n_trials,
         "deadline": time.time() + args.timeout if args.timeout else None,
@@ -250,67 +273,21 @@ def _check_values(preset, fixed, space):
         print("note: lr_decay only acts with --lr-schedule step", file=sys.stderr)
 
 
-def search_signature(plan):
-    """What must match for a rerun to continue a stored study (not the budget, not paths)."""
-    base = {k: v for k, v in plan["base"].items() if k not in LOCAL_KEYS}
-    signature = {"sampler": plan["sampler"], "space": plan["space"], "config": base}
-    return json.loads(json.dumps(signature))
+def check_storage(storage):
+    """Accept a journal file (new, or an existing regular file) or a PostgreSQL URL."""
+    if "://" in storage:
+        scheme = storage.split("://")[0].split("+")[0]
+        if scheme != "postgresql":
+            raise cli.Error(f"--storage takes a journal file or a postgresql:// URL, not "
+                            f"{scheme}://: other databases can hand one trial to two workers")
+    elif os.path.exists(storage) and not os.path.isfile(storage):
+        raise cli.Error(f"--storage {storage} is not a regular file")
 
 
-# --- storage, study and the claim lock --------------------------------------------------------
-
-
-class FileLock:
-    """An exclusive lock on a file (flock): the kernel releases it when its process dies."""
-
-    def __init__(self, path):
-        self.path, self._file = path, None
-
-    def acquire(self):
-        import fcntl
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        self._file = open(self.path, "a")
-        fcntl.flock(self._file, fcntl.LOCK_EX)
-        return True
-
-    def release(self):
-        if self._file is not None:
-            self._file.close()  # closing drops the flock
-            self._file = None
-
-
-class PostgresLock:
-    """A PostgreSQL advisory lock: one holder among all machines sharing the database."""
-
-    def __init__(self, url, name):
-        import sqlalchemy
-        self._engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
-        self._key = zlib.crc32(f"hyperparam_tuning:{name}".encode())
-        self._sql, self._connection = sqlalchemy.text, None
-
-    def acquire(self):
-        self._connection = self._engine.connect()
-        self._connection.execute(self._sql("SELECT pg_advisory_lock(:k)"), {"k": self._key})
-        return True
-
-    def release(self):
-        if self._connection is not None:
-            try:
-                self._connection.execute(self._sql("SELECT pg_advisory_unlock(:k)"),
-                                         {"k": self._key})
-            finally:  # the server also drops the lock when the session ends
-                self._connection.close()
-                self._connection = None
-
-
-def is_url(storage):
-    return "://" in storage
-
-
-def shown(storage):
-    """The storage for messages, without a password."""
-    if not is_url(storage):
-        return storage
+def where(storage):
+    """The storage for messages and for telling studies apart, without a password."""
+    if "://" not in storage:
+        return os.path.abspath(storage)
     import sqlalchemy
     try:
         return sqlalchemy.engine.make_url(storage).render_as_string(hide_password=True)
@@ -318,42 +295,185 @@ def shown(storage):
         return storage.split("://")[0] + "://..."
 
 
-def claim_lock(plan):
-    """The lock under which workers open the study and take trials (see Job.claim)."""
-    target = plan["storage"]
-    if not is_url(target):
-        return FileLock(target + ".claim")
-    import sqlalchemy
+def search_signature(plan):
+    """What must match for a rerun to continue a stored study (not the budget, not paths)."""
+    base = {k: v for k, v in plan["base"].items() if k not in LOCAL_KEYS}
+    return json.loads(json.dumps({"sampler": plan["sampler"], "space": plan["space"],
+                                  "config": base}))
+
+
+# --- storages: locks and worker tokens --------------------------------------------------------
+
+
+@contextlib.contextmanager
+def flocked(path):
+    """An exclusive flock on `path` (created if needed), which dies with the process."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield f
+
+
+@contextlib.contextmanager
+def folder_lock(path):
+    """Hold folder `path` for this process; refuse at once while a live process holds it."""
+    f = open(os.path.join(path, ".lock"), "a+")
     try:
-        backend = sqlalchemy.engine.make_url(target).get_backend_name()
-    except Exception as exc:
-        raise cli.Error(f"--storage {target!r} is not a database URL: {exc}") from None
-    if backend == "postgresql":
-        return PostgresLock(target, plan["study_name"])
-    # Other databases: exact among the workers of one machine only (see the README).
-    return FileLock(os.path.join(plan["out_dir"], ".claim.lock"))
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise cli.Error(f"{path} is in use by another search (pid {holder}); wait for it "
+                        "or use another --out-dir") from None
+    with f:
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
 
 
-def open_storage(plan):
-    """The Optuna storage: a journal file, or a database with heartbeats for its trials."""
-    target = plan["storage"]
-    if not is_url(target):
-        os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
-        backend = optuna.storages.journal.JournalFileBackend(
-            target, lock_obj=FileLock(target + ".lock"))
-        return optuna.storages.JournalStorage(backend)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(target, heartbeat_interval=HEARTBEAT_SECONDS)
+class JournalLock:
+    """The journal's write lock (an flock) that mends a torn last line before each append."""
+
+    def __init__(self, journal):
+        self.journal, self._file = journal, None
+
+    def acquire(self):
+        self._file = open(self.journal + ".lock", "a")
+        fcntl.flock(self._file, fcntl.LOCK_EX)
+        mend_journal(self.journal)
+        return True
+
+    def release(self):
+        self._file.close()
 
 
-def make_sampler(plan, worker=0):
+def mend_journal(path):
+    """Move an unfinished last line aside, so that the next line starts on its own."""
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - 1))
+        if size == 0 or f.read(1) == b"\n":
+            return
+        start = size
+        while start > 0:  # back to the last newline
+            block = max(0, start - 65536)
+            f.seek(block)
+            cut = f.read(start - block).rfind(b"\n")
+            if cut >= 0:
+                start = block + cut + 1
+                break
+            start = block
+        f.seek(start)
+        tail = f.read()
+        with open(path + ".torn", "ab") as aside:
+            aside.write(tail + b"\n")
+            os.fsync(aside.fileno())
+        f.truncate(start)
+        os.fsync(f.fileno())
+    print(f"note: {path} ended in an unfinished line ({len(tail)} bytes, left by a full disk "
+          f"or a power cut); moved it to {path}.torn", file=sys.stderr, flush=True)
+
+
+class JournalStore:
+    """A study in a journal file; the claim lock and the worker tokens are files beside it."""
+
+    def __init__(self, path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.path, self.tokens, self._token = path, path + ".workers", None
+        with self.claim_lock():
+            backend = optuna.storages.journal.JournalFileBackend(path, lock_obj=JournalLock(path))
+            self.storage = optuna.storages.JournalStorage(backend)
+
+    def claim_lock(self):
+        return flocked(self.path + ".claim")
+
+    def hold_token(self, token):
+        os.makedirs(self.tokens, exist_ok=True)
+        self._token = open(os.path.join(self.tokens, token), "a")
+        fcntl.flock(self._token, fcntl.LOCK_EX)
+
+    def drop_token(self):
+        with contextlib.suppress(OSError):
+            os.remove(self._token.name)  # still locked: no one can take it for dead meanwhile
+        self._token.close()
+
+    def is_dead(self, token):
+        """Whether the worker holding `token` is gone (call under the claim lock)."""
+        path = os.path.join(self.tokens, token)
+        try:
+            f = open(path)
+        except FileNotFoundError:
+            return True
+        with f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            with contextlib.suppress(OSError):
+                os.remove(path)
+            return True
+
+
+class PostgresStore:
+    """A study in PostgreSQL; the claim lock and the tokens are advisory locks on the server,
+    dropped when a worker's session ends (the server probes an idle peer's TCP link)."""
+
+    def __init__(self, url, study_name):
+        import sqlalchemy
+        self._engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+        self._sql, self._key = sqlalchemy.text, zlib.crc32(f"hyperparam_tuning:{study_name}".encode())
+        self._session = self._token = None
+        with self.claim_lock():  # machines starting together must not all create the tables
+            self.storage = optuna.storages.RDBStorage(url)
+
+    @contextlib.contextmanager
+    def claim_lock(self):
+        with self._engine.connect() as session:  # closing the session drops the lock
+            session.execute(self._sql("SELECT pg_advisory_lock(:k)"), {"k": self._key})
+            self._session = session
+            yield
+
+    def hold_token(self, token):
+        self._token = self._engine.connect()
+        self._token.execute(self._sql("SET tcp_keepalives_idle = 30; SET "
+                                      "tcp_keepalives_interval = 10; SET tcp_keepalives_count = 3"))
+        self._token.execute(self._sql("SELECT pg_advisory_lock(:k)"), {"k": _number(token)})
+        self._token.commit()  # the lock is the session's: no transaction stays open
+
+    def drop_token(self):
+        self._token.close()
+
+    def is_dead(self, token):
+        taken = self._session.execute(self._sql("SELECT pg_try_advisory_lock(:k)"),
+                                      {"k": _number(token)}).scalar()
+        if taken:
+            self._session.execute(self._sql("SELECT pg_advisory_unlock(:k)"), {"k": _number(token)})
+        return taken
+
+
+def _number(token):
+    return int(token[:16], 16) - (1 << 63)  # an advisory lock key is a signed 64-bit int
+
+
+def open_store(plan):
+    try:
+        if "://" in plan["storage"]:
+            return PostgresStore(plan["storage"], plan["study_name"])
+        return JournalStore(plan["storage"])
+    except Exception as exc:  # bad URL, no driver, no server, unreadable file: one line
+        raise cli.Error(f"cannot open --storage {where(plan['storage'])}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+
+def make_sampler(plan, worker, n_trials):
+    """A sampler seeded from (--sampler-seed, worker, trials so far): no repeats on resume."""
     seed = plan["sampler_seed"]
-    seed = None if seed is None else seed + worker  # workers must not draw the same points
+    if seed is not None:
+        seed = int(np.random.SeedSequence([seed, worker, n_trials]).generate_state(1)[0])
     if plan["sampler"] == "tpe":
         return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
-    # Grid trials come from the trial queue with every value fixed: no sampler is consulted.
-    return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.RandomSampler(seed=seed)  # grid trials are queued: none consulted
 
 
 def make_pruner(plan):
@@ -366,25 +486,36 @@ def make_pruner(plan):
     return optuna.pruners.NopPruner()
 
 
-def open_study(plan, storage, worker=0):
+def open_study(plan, storage):
     """Create the study or load it, refusing one made by a different search."""
     study = optuna.create_study(storage=storage, study_name=plan["study_name"],
                                 direction="maximize", load_if_exists=True,
-                                sampler=make_sampler(plan, worker), pruner=make_pruner(plan))
-    signature = search_signature(plan)
-    stored = study.user_attrs.get("search")
+                                pruner=make_pruner(plan))
+    signature, stored = search_signature(plan), study.user_attrs.get("search")
     if stored is None:
         study.set_user_attr("search", signature)
     elif stored != signature:
         changed = [k for k in ("sampler", "space") if stored.get(k) != signature[k]]
         changed += [f"{k} {stored['config'].get(k)!r} -> {v!r}"
                     for k, v in signature["config"].items() if stored["config"].get(k) != v]
-        raise cli.Error(f"study {plan['study_name']!r} in {shown(plan['storage'])} holds a "
+        raise cli.Error(f"study {plan['study_name']!r} in {where(plan['storage'])} holds a "
                         f"different search (changed: {', '.join(changed)}); rerun with the same "
                         "options, or pick a new --study-name")
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
         raise cli.Error(f"study {plan['study_name']!r} does not maximise; pick a new --study-name")
     return study
+
+
+@contextlib.contextmanager
+def storage_errors(plan):
+    """Turn a failure of the storage (bad URL, no driver, no server) into one error line."""
+    try:
+        yield
+    except cli.Error:
+        raise
+    except Exception as exc:
+        raise cli.Error(f"cannot open --storage {where(plan['storage'])}: "
+                        f"{cli.one_line(exc) or type(exc).__name__}") from None
 
 
 # --- bookkeeping: which trials are done, which are missing ------------------------------------
@@ -411,206 +542,169 @@ def counted(trials):
     return sum(t.state != TrialState.WAITING and not interrupted(t) for t in trials)
 
 
+def trial_folder(plan, trial):
+    """A trial's folder: its own, or that of the interrupted trial it continues."""
+    return os.path.join(plan["out_dir"], f"trial_{int(trial.user_attrs.get('folder', trial.number))}")
+
+
 def _key(params):
     return tuple(sorted(params.items()))
 
 
-def process_id(pid=None):
-    """This process as recorded in a trial: host, pid and start time (against pid reuse)."""
-    pid = pid or os.getpid()
-    return {"host": socket.gethostname(), "pid": pid, "start": _start_time(pid)}
-
-
-def _start_time(pid):
-    """A live process's start time in clock ticks; None if it is gone or a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()  # after the (name), which may hold spaces
-    except (OSError, IndexError):
-        return None
-    return None if fields[0] in "ZXx" else int(fields[19])  # fields 3 (state) and 22
-
-
-def is_alive(worker):
-    """Whether the process that took a trial still runs (other hosts: assume so)."""
-    if worker.get("host") != socket.gethostname():
-        return True
-    if os.path.isdir("/proc"):
-        start = _start_time(worker["pid"])
-        return start is not None and worker.get("start") in (None, start)
-    try:
-        os.kill(worker["pid"], 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
-def retire_dead(study):
-    """Fail the running trials whose process died (only safe under the claim lock)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)  # heartbeat storages: other machines' trials
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        # A trial is claimed and marked with its worker under the lock, so a running
-        # trial without a worker lost its process between the two.
-        worker = t.user_attrs.get("worker")
-        if worker is None or not is_alive(worker):
+def retire_dead(study, store, trials):
+    """Fail the running trials whose worker is gone (only under the claim lock)."""
+    for t in trials:
+        token = str(t.user_attrs.get("worker", {}).get("token"))
+        if t.state == TrialState.RUNNING and (not TOKEN.fullmatch(token) or store.is_dead(token)):
             study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
 
 
-def queue_missing(study, plan):
-    """Queue the grid combinations not yet run, and the parameters of interrupted trials."""
-    trials = study.get_trials(deepcopy=False)
-    if plan["sampler"] == "grid":
-        taken = {_key(trial_params(t)) for t in trials if not interrupted(t)}
-        for i, combination in enumerate(grid(plan["space"])):
-            if _key(combination) not in taken:
-                study.enqueue_trial(combination, user_attrs={"grid_point": i})
-        return
+def queue_missing(study, plan, trials):
+    """Queue a rerun of each interrupted trial, in its folder, and the grid points not taken."""
     retried = {t.user_attrs.get("retry_of") for t in trials}
+    taken = {_key(trial_params(t)) for t in trials if not interrupted(t)}
     for t in trials:
-        if interrupted(t) and trial_params(t) and t.number not in retried:
-            study.enqueue_trial(trial_params(t), user_attrs={"retry_of": t.number})
+        params = trial_params(t)
+        if interrupted(t) and params and t.number not in retried and _key(params) not in taken:
+            study.enqueue_trial(params, user_attrs={
+                "retry_of": t.number, "folder": t.user_attrs.get("folder", t.number)})
+            taken.add(_key(params))
+    if plan["sampler"] == "grid":
+        for point in grid(plan["space"]):
+            if _key(point) not in taken:
+                study.enqueue_trial(point)
 
 
-def work_left(study, plan):
-    trials = study.get_trials(deepcopy=False)
+def work_left(plan, trials):
     if plan["n_trials"] is not None and counted(trials) >= plan["n_trials"]:
         return False
     return plan["sampler"] != "grid" or any(t.state == TrialState.WAITING for t in trials)
 
 
-def prepare(study, plan):
-    """Retire dead trials, queue what is missing; whether work is left. Hold the lock."""
-    retire_dead(study)
-    queue_missing(study, plan)
-    return work_left(study, plan)
+def machine_failure(exc):
+    """Whether `exc` is the machine's fault (a write that failed), not the configuration's."""
+    return any(isinstance(e, OSError) for e in (exc, exc.__cause__, exc.__context__))
 
 
 # --- workers ----------------------------------------------------------------------------------
 
 
-class Job:
-    """What one worker process holds: the plan, its data, storage, study and claim lock."""
+class Worker:
+    """One process's share of the search: its store, token, study and data."""
 
-    def __init__(self, plan, worker=0):
-        self.plan, self.data = plan, None
-        self.lock = claim_lock(plan)
-        try:
-            # Under the lock: machines starting together must not all create the tables.
-            self.lock.acquire()
-            try:
-                self.storage = open_storage(plan)
-                self.study = open_study(plan, self.storage, worker)
-            finally:
-                self.lock.release()
-        except cli.Error:
-            raise
-        except Exception as exc:  # bad URL, no driver, no server: one line for the user
-            raise cli.Error(f"cannot open --storage {shown(plan['storage'])}: "
-                            f"{str(exc).splitlines()[0]}") from None
+    def __init__(self, plan, index=0, data=None):
+        self.plan, self.index, self.data = plan, index, data
+        self.token = uuid.uuid4().hex
+        with storage_errors(plan):
+            self.store = open_store(plan)
+            self.store.hold_token(self.token)
+            with self.store.claim_lock():
+                self.study = open_study(plan, self.store.storage)
+
+    def close(self):
+        self.store.drop_token()
+
+    def prepare(self):
+        """Retire dead trials, queue missing ones; the trials (hold the claim lock)."""
+        retire_dead(self.study, self.store, self.study.get_trials(deepcopy=False))
+        queue_missing(self.study, self.plan, self.study.get_trials(deepcopy=False))
+        return self.study.get_trials(deepcopy=False)
+
+    def has_work(self):
+        with self.store.claim_lock():
+            return work_left(self.plan, self.prepare())
 
     def claim(self):
-        """Take the claim lock if work is left; the trial's objective releases it.
-
-        Checking for work and taking it (Optuna's ask) happen under one lock, so two
-        workers never take the last queued trial, or the last trial of the budget, twice.
-        """
-        deadline, parent = self.plan["deadline"], self.plan["parent_pid"]
-        if _stopping or (deadline and time.time() >= deadline) or (
-                parent and os.getppid() != parent):
-            return False
-        self.lock.acquire()
-        try:
-            if prepare(self.study, self.plan):
-                return True
-        except BaseException:
-            self.lock.release()
-            raise
-        self.lock.release()
-        return False
+        """The next trial, taken under the claim lock; None when no work is left."""
+        deadline = self.plan["deadline"]
+        if _stopping or (deadline and time.time() >= deadline):
+            return None
+        with self.store.claim_lock():
+            trials = self.prepare()
+            if not work_left(self.plan, trials):
+                return None
+            self.study.sampler = make_sampler(self.plan, self.index, len(trials))
+            trial = self.study.ask()
+            trial.set_user_attr("worker", {"token": self.token, "host": socket.gethostname(),
+                                           "pid": os.getpid()})
+            return trial
 
     def run(self):
         """Run trials until the budget is spent, the grid is done or time is up."""
-        objective = functools.partial(run_trial, job=self)
-        while self.claim():
-            try:
-                self.study.optimize(objective, n_trials=1, catch=(Exception,))
-            finally:
-                self.lock.release()
+        while (trial := self.claim()) is not None:
+            self.run_trial(trial)
             write_tables(self.study, self.plan)
 
+    def run_trial(self, trial):
+        """Train one trial and record how it ended; a signal or a machine failure also
+        stops the worker (the trial runs again on the next run)."""
+        plan, records, start = self.plan, [], time.perf_counter()
+        save_dir, state, value, why, stop, result = trial_folder(plan, trial), None, None, "", None, {}
 
-def run_trial(trial, job):
-    """Optuna's objective: one train.train() run; returns the best validation accuracy."""
-    trial.set_user_attr("worker", process_id())
-    job.lock.release()  # the trial is ours now: let other workers claim theirs
-    plan, records, outcome = job.plan, [], "done"
-    save_dir = os.path.join(plan["out_dir"], f"trial_{trial.number}")
-    start = time.perf_counter()
+        def on_epoch(record):
+            records.append(record)
+            trial.report(record["val_acc"], record["epoch"])
+            if trial.should_prune():
+                raise optuna.TrialPruned()
 
-    def on_epoch(record):
-        records.append(record)
-        trial.report(record["val_acc"], record["epoch"])
-        if trial.should_prune():
-            raise optuna.TrialPruned(f"validation accuracy {record['val_acc']:.4f} "
-                                     f"at epoch {record['epoch']}")
+        try:
+            params = config_values(suggest(trial, plan["space"]))
+            config = cfg.make_config(plan["preset"], **plan["fixed"], **params, save_dir=save_dir)
+            trial.set_user_attr("config", config)
+            resume = os.path.exists(os.path.join(save_dir, STATE_FILE))
+            result = train.train(config, data=self.data, on_epoch=on_epoch, progress=False,
+                                 **({"resume": True} if resume else {}))
+            if result["stopped"] == "interrupted":  # train.train keeps a signal to itself
+                raise Stopped(signal.SIGINT)
+            state, value = TrialState.COMPLETE, result["best_val_acc"]
+        except optuna.TrialPruned:
+            state = TrialState.PRUNED
+        except KeyboardInterrupt as exc:
+            why, stop = "interrupted: stopped by a signal", exc
+        except train.Diverged as exc:
+            why = f"diverged: {exc}"
+        except Exception as exc:
+            why = f"error: {type(exc).__name__}: {cli.one_line(exc)}"
+            if machine_failure(exc):
+                why = f"interrupted: the machine failed: {cli.one_line(exc)}"
+                stop = cli.Error(f"trial {trial.number} stopped: {cli.one_line(exc)}; fix this, "
+                                 "then rerun the command: the trial will run again")
+        self.finish(trial, state or TrialState.FAIL, value, why,
+                    result.get("history", records), records, time.perf_counter() - start)
+        if stop:
+            raise stop
 
-    try:
-        if plan["sampler"] == "grid" and "grid_point" not in trial.user_attrs:
-            raise RuntimeError("a grid trial was not taken from the queue")
-        params = suggest(trial, plan["space"])
-        config = cfg.make_config(plan["preset"], **plan["fixed"], **config_values(params),
-                                 save_dir=save_dir)
-        trial.set_user_attr("config", config)
-        result = train.train(config, data=job.data, on_epoch=on_epoch, progress=False)
-        if result["stopped"] == "interrupted":  # train.train keeps Ctrl-C to itself
-            raise KeyboardInterrupt
-        return result["best_val_acc"]
-    except optuna.TrialPruned:
-        outcome = "pruned"
-        raise
-    except KeyboardInterrupt:
-        outcome = "interrupted: stopped by Ctrl-C"
-        raise
-    except train.Diverged as exc:
-        outcome = f"diverged: {exc}"
-        raise
-    except Exception as exc:
-        outcome = f"error: {type(exc).__name__}: {exc}"
-        raise
-    finally:
-        record_outcome(trial, records, time.perf_counter() - start, save_dir, outcome)
-
-
-def record_outcome(trial, records, seconds, save_dir, outcome):
-    """Store what the trial did as user attributes, and print one line about it."""
-    attrs = {"seconds": round(seconds, 2), "epochs_run": len(records)}
-    if records:
-        best = max(records, key=lambda r: r["val_acc"])
-        attrs.update(best_val_acc=best["val_acc"], best_epoch=best["epoch"],
-                     train_loss=records[-1]["train_loss"], val_loss=records[-1]["val_loss"])
-    checkpoint = os.path.join(save_dir, "best.npy")
-    if os.path.exists(checkpoint):
-        attrs["checkpoint"] = os.path.abspath(checkpoint)
-    if outcome not in ("done", "pruned"):
-        attrs["failure"] = outcome
-    for key, value in attrs.items():
-        trial.set_user_attr(key, value)
-    state = {"done": "complete", "pruned": "pruned"}.get(outcome, "failed")
-    acc = f"val acc {attrs['best_val_acc']:.4f}, " if records else ""
-    params = " ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
-    why = f"  ({outcome})" if state == "failed" else ""
-    print(f"trial {trial.number:3d} {state:<8} {acc}{len(records)} epoch(s), {seconds:.0f} s  "
-          f"{params}{why}", flush=True)
+    def finish(self, trial, state, value, why, history, new, seconds):
+        """Record the trial's end and print one line; one that another worker took for dead
+        and retired meanwhile is only reported (its point runs again)."""
+        attrs = {"seconds": round(seconds, 2), "epochs_run": len(history)}
+        if history:
+            best = max(history, key=lambda r: r["val_acc"])
+            attrs.update(best_val_acc=best["val_acc"], best_epoch=best["epoch"],
+                         train_loss=history[-1]["train_loss"], val_loss=history[-1]["val_loss"])
+        if why:
+            attrs["failure"] = why
+        try:
+            for key, v in attrs.items():
+                trial.set_user_attr(key, v)
+            told = self.study.tell(trial, value, state, skip_if_finished=True)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            told = None
+        if told is None or told.state != state:
+            print(f"note: trial {trial.number} was retired by another worker while it ran "
+                  "(its worker was taken for dead); its result is dropped", flush=True)
+            return
+        label = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned"}.get(state, "failed")
+        acc = f"val acc {attrs['best_val_acc']:.4f}, " if history else ""
+        epochs = f"{len(history)} epoch(s)" + (f" ({len(new)} now)" if len(new) != len(history) else "")
+        params = " ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
+        print(f"trial {trial.number:3d} {label:<8} {acc}{epochs}, {seconds:.0f} s  {params}"
+              + (f"  ({why})" if why else ""), flush=True)
 
 
 def blas_threads(workers):
     """BLAS threads per worker so that workers x threads <= cores (or the user's cap)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    threads = max(1, (cores or 1) // workers)
+    threads = max(1, CORES // workers)
     for name in BLAS_VARIABLES:
         value = os.environ.get(name, "")
         if value.isdigit() and int(value) > 0:
@@ -618,68 +712,94 @@ def blas_threads(workers):
     return threads
 
 
-_stopping = False  # set by the first Ctrl-C: start no new trial
+class Stopped(KeyboardInterrupt):  # TODO: cli.Stopped
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
 
 
-def _on_interrupt(signum, frame):
-    """Ctrl-C: raise KeyboardInterrupt once, and remember it, since Python can drop the
-    exception (e.g. inside a weakref callback) and a worker must still stop."""
+_stopping = False  # set by the first signal: start no new trial
+
+
+def _on_signal(signum, frame):
+    """Stop as Ctrl-C does, once: Python can drop the exception (e.g. in a weakref
+    callback), and a second signal must not cut short the recording of the first."""
     global _stopping
     if not _stopping:
         _stopping = True
-        raise KeyboardInterrupt
+        raise Stopped(signum)
 
 
 def catch_interrupts():
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when ignored
-        signal.signal(signal.SIGINT, _on_interrupt)
+    """SIGINT, SIGTERM and SIGHUP stop the process cleanly (not when they are ignored)."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) in (signal.default_int_handler, signal.SIG_DFL):
+            signal.signal(signum, _on_signal)
 
 
-def worker_main(plan, worker):
-    """Entry point of a spawned worker: load the data once, then run trials."""
+def watch_parent(parent):
+    """Stop this worker as a signal would once its parent is gone (kill -9 tells no one)."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def worker_main(plan, index):
+    """A spawned worker: load the data once, then run trials."""
     catch_interrupts()
+    watch_parent(plan["parent_pid"])
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
-        job = Job(plan, worker)
-        job.data = data_loader.load_data(plan["data_dir"], progress=False)
-        job.run()
-    except cli.Error as exc:
-        print(f"error: worker {worker}: {exc}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        worker = Worker(plan, index, data_loader.load_data(plan["data_dir"], progress=False))
+        try:
+            worker.run()
+        finally:
+            worker.close()
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as exc:
+        what = cli.one_line(exc) if isinstance(exc, cli.Error) else f"{type(exc).__name__}: {exc}"
+        print(f"error: worker {index}: {what}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
-def run_workers(plan, n):
-    """Run `n` worker processes against the study; the number that failed."""
-    threads = blas_threads(n)
+def run_workers(plan):
+    """Run the worker processes, pass a signal on to them, and say which ones failed."""
     for name in BLAS_VARIABLES:  # spawned children read these before importing NumPy
-        os.environ[name] = str(threads)
-    context = multiprocessing.get_context("spawn")
+        os.environ[name] = str(blas_threads(plan["workers"]))
     plan = {**plan, "parent_pid": os.getpid()}
+    context = multiprocessing.get_context("spawn")
     processes = [context.Process(target=worker_main, args=(plan, i), name=f"worker-{i}")
-                 for i in range(n)]
+                 for i in range(plan["workers"])]
     for p in processes:
         p.start()
     try:
         for p in processes:
             p.join()
-    except KeyboardInterrupt:  # pass it on, and let the workers record their trials
+    except KeyboardInterrupt as exc:  # the workers record their trials as interrupted
         for p in processes:
             if p.is_alive():
-                os.kill(p.pid, signal.SIGINT)
+                os.kill(p.pid, getattr(exc, "signum", signal.SIGINT))
         for p in processes:
             p.join(timeout=30)
             if p.is_alive():
-                p.terminate()
+                p.kill()
+                p.join()
         raise
-    return sum(p.exitcode not in (0, 130) for p in processes)
+    problems = [f"worker {i} " + (f"was killed by {signal.Signals(-p.exitcode).name}"
+                                  if p.exitcode < 0 else "stopped on the error above")
+                for i, p in enumerate(processes) if p.exitcode not in (0, 130)]
+    if problems:
+        raise cli.Error(f"{'; '.join(problems)}; its trial will run again: rerun the command "
+                        "to finish the search")
 
 
 # --- outputs ----------------------------------------------------------------------------------
 
 
-def trial_rows(study):
+def trial_rows(study, plan):
     """One dict per trial: state, parameters, best validation accuracy, losses, time."""
     rows = []
     for t in study.get_trials(deepcopy=False):
@@ -689,7 +809,7 @@ def trial_rows(study):
             "best_epoch": a.get("best_epoch"), "epochs_run": a.get("epochs_run"),
             "final_train_loss": a.get("train_loss"), "final_val_loss": a.get("val_loss"),
             "seconds": a.get("seconds"), "params": trial_params(t), "reason": failure(t),
-            "checkpoint": a.get("checkpoint"), "host": a.get("worker", {}).get("host"),
+            "folder": trial_folder(plan, t), "host": a.get("worker", {}).get("host"),
             "started": t.datetime_start and t.datetime_start.isoformat(timespec="seconds"),
             "finished": t.datetime_complete and t.datetime_complete.isoformat(timespec="seconds"),
             "retry_of": a.get("retry_of"), "config": a.get("config"),
@@ -699,20 +819,33 @@ def trial_rows(study):
 
 def write_tables(study, plan):
     """trials.json and trials.csv in the output folder, rewritten whole (atomically)."""
-    rows, out = trial_rows(study), plan["out_dir"]
+    rows, out, keys = trial_rows(study, plan), plan["out_dir"], list(plan["space"])
     cli.write_json(os.path.join(out, FILES["json"]),
-                   {"study": plan["study_name"], "storage": shown(plan["storage"]),
+                   {"study": plan["study_name"], "storage": where(plan["storage"]),
                     "sampler": plan["sampler"], "space": plan["space"], "trials": rows})
-    keys = list(plan["space"])
     columns = ["number", "state", "best_val_acc", "best_epoch", "epochs_run",
-               "final_train_loss", "final_val_loss", "seconds", *keys, "reason", "checkpoint",
+               "final_train_loss", "final_val_loss", "seconds", *keys, "reason", "folder",
                "host", "started", "finished"]
     with cli.atomic_write(os.path.join(out, FILES["csv"]), "w") as f:
         writer = csv.DictWriter(f, columns, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
         for row in rows:
             writer.writerow({**row, **{k: row["params"].get(k) for k in keys}})
-    return rows
+
+
+def check_out_dir(plan):
+    """Refuse an --out-dir whose trials.json belongs to another study: folders would mix."""
+    try:
+        with open(os.path.join(plan["out_dir"], FILES["json"]), encoding="utf-8") as f:
+            held = json.load(f)
+        held = (held["study"], where(held["storage"]))
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, KeyError, TypeError):
+        held = ("unknown (its trials.json cannot be read)", "?")
+    if held != (plan["study_name"], where(plan["storage"])):
+        raise cli.Error(f"--out-dir {plan['out_dir']} holds study {held[0]!r} in {held[1]}; "
+                        "give this study another --out-dir")
 
 
 def best_trial(study):
@@ -721,19 +854,21 @@ def best_trial(study):
 
 
 def write_best(study, plan):
-    """best_result.json in the report's format, and best.npy copied from the best trial."""
+    """best_result.json in the report's format, and best.npy: the best trial's checkpoint,
+    taken only from its folder in --out-dir and only once it loads as a checkpoint."""
     best = best_trial(study)
     if best is None:
         return None
     config = best.user_attrs.get("config", {})
-    source = best.user_attrs.get("checkpoint")
+    source = os.path.join(trial_folder(plan, best), "best.npy")
     target = os.path.join(plan["out_dir"], FILES["model"])
-    if source and os.path.exists(source):
+    try:
+        model.load_checkpoint(source)
         with open(source, "rb") as src, cli.atomic_write(target) as dst:
-            shutil.copyfileobj(src, dst)
-    else:  # another machine ran it: its checkpoint is there
-        host = best.user_attrs.get("worker", {}).get("host")
-        print(f"note: the best trial's checkpoint {source} is on host {host}, not here")
+            dst.write(src.read())
+    except (OSError, cli.Error) as exc:
+        print(f"note: no {FILES['model']} here: {cli.one_line(exc)} (another machine may "
+              "have run the best trial)")
         target = None
     result = {
         "best_params": {"learning_rate": config.get("lr"), "hidden_size": config.get("hidden_size"),
@@ -779,91 +914,101 @@ def summary(study):
     return ", ".join(parts)
 
 
-# --- plots (matplotlib, drawn on Figure objects: no display needed) --------------------------
+# --- plots ------------------------------------------------------------------------------------
 
 
-def plot_history(study, path):
-    """Best validation accuracy of each trial, and the best so far."""
-    from matplotlib.figure import Figure
+def optuna_plot(draw, path):
+    """Save the Axes that `draw(optuna.visualization.matplotlib)` returns; Optuna's pyplot
+    figure and style stay inside (the Agg backend: no window, no display)."""
+    import matplotlib
+    matplotlib.use("agg")
+    import matplotlib.pyplot as plt
+    import optuna.visualization.matplotlib as plots
     import utils
-    trials = study.get_trials(deepcopy=False)
-    done = [(t.number, t.value) for t in trials if t.state == TrialState.COMPLETE]
-    pruned = [(t.number, t.value) for t in trials
-              if t.state == TrialState.PRUNED and t.value is not None]
-    fig = Figure(figsize=(7, 4.2), layout="constrained")
-    ax = fig.subplots()
-    if done:
-        ax.scatter(*zip(*done), label="complete", zorder=3)
-        best = list(itertools.accumulate((v for _, v in done), max))
-        last = trials[-1].number  # the line runs on to the last trial, whatever its state
-        ax.step([n for n, _ in done] + [last], best + best[-1:], where="post",
-                color="tab:red", label="best so far")
-    if pruned:
-        ax.scatter(*zip(*pruned), marker="x", color="grey", label="pruned (last epoch)")
-    ax.set(xlabel="trial", ylabel="validation accuracy", title="Optimisation history")
-    ax.grid(alpha=0.3)
-    if done or pruned:
-        ax.legend()
-    utils.save_figure(fig, path)
+    with matplotlib.rc_context(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna's matplotlib plots are "experimental"
+        ax = draw(plots)
+        try:
+            utils.save_figure(ax.figure, path)
+        finally:
+            plt.close(ax.figure)
+
+
+def plot_search_history(study, path):
+    """Optuna's optimisation history: each trial's validation accuracy and the best so far."""
+    from matplotlib.ticker import MaxNLocator
+
+    def draw(plots):
+        ax = plots.plot_optimization_history(study, target_name="validation accuracy")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        return ax
+    optuna_plot(draw, path)
 
 
 def plot_importance(study, path):
-    """Optuna's parameter importances (PED-ANOVA) as bars; None when they cannot be told."""
-    from matplotlib.figure import Figure
-    import utils
+    """Optuna's parameter importances, by PED-ANOVA named here (Optuna 4's default, fANOVA,
+    needs scikit-learn); returns the importances and why there are none."""
+    evaluator = optuna.importance.PedAnovaImportanceEvaluator()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            importances = optuna.importance.get_param_importances(study)
-    except Exception as exc:  # too few complete trials, or no parameter varies
-        return f"{type(exc).__name__}: {exc}"
+            importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
+    except Exception as exc:  # too few complete trials
+        return {}, f"{type(exc).__name__}: {exc}"
     if not importances:
-        return "no parameter varies among the complete trials"
-    names = list(importances)[::-1]
-    fig = Figure(figsize=(6, 0.5 * len(names) + 1.5), layout="constrained")
-    ax = fig.subplots()
-    ax.barh(names, [importances[n] for n in names])
-    ax.set(xlabel="importance for validation accuracy", title="Parameter importance")
-    utils.save_figure(fig, path)
-    return None
+        return {}, "no parameter varies among the complete trials"
+    optuna_plot(lambda plots: plots.plot_param_importances(
+        study, evaluator=evaluator, target_name="validation accuracy"), path)
+    return importances, None
 
 
-def plot_lr_reg(study, path):
-    """Best validation accuracy over learning rate x regularisation (best per pair)."""
+def plot_top_pair(study, plan, importances):
+    """Validation accuracy over the two most important searched parameters that varied (or
+    the one), best per point, in val_acc_<a>_<b>.png; older such plots are removed."""
     from matplotlib.figure import Figure
     import utils
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    varied = [k for k in plan["space"] if len({str(t.params.get(k)) for t in complete}) > 1]
+    top = sorted(varied, key=lambda k: -importances.get(k, 0))[:2]
+    names = [k for k in plan["space"] if k in top]
+    path = os.path.join(plan["out_dir"], f"val_acc_{'_'.join(names)}.png")
+    for old in os.listdir(plan["out_dir"]):
+        if re.fullmatch(r"val_acc_.*\.png", old) and old != os.path.basename(path):
+            os.remove(os.path.join(plan["out_dir"], old))
+    if not names:
+        return None
     cells = {}
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        c = t.user_attrs.get("config", {})
-        if "lr" in c and "reg" in c:
-            key = (c["lr"], c["reg"])
-            cells[key] = max(cells.get(key, -1.0), t.value)
-    if not cells:
-        return
-    (lrs, regs), accs = zip(*cells), list(cells.values())
+    for t in complete:
+        point = tuple(t.params[k] for k in names)
+        cells[point] = max(cells.get(point, -1.0), t.value)
     fig = Figure(figsize=(6.5, 4.8), layout="constrained")
     ax = fig.subplots()
-    points = ax.scatter(lrs, regs, c=accs, s=300, cmap="viridis", edgecolors="black")
-    for x, y, a in zip(lrs, regs, accs):
-        ax.annotate(f"{a:.3f}", (x, y), textcoords="offset points", xytext=(0, 12),
+    columns = [[p[i] if isinstance(p[i], (int, float)) else str(p[i]) for p in cells]
+               for i in range(len(names))]
+    accs = list(cells.values())
+    y = columns[1] if len(names) == 2 else accs
+    points = ax.scatter(columns[0], y, c=accs, s=250, cmap="viridis", edgecolors="black")
+    for x, y_, a in zip(columns[0], y, accs):
+        ax.annotate(f"{a:.3f}", (x, y_), textcoords="offset points", xytext=(0, 11),
                     ha="center", fontsize=8)
-    ax.set_xscale("log")
-    ax.set_yscale("log" if min(regs) > 0 else "symlog", **({} if min(regs) > 0
-                                                           else {"linthresh": 1e-5}))
-    ax.set(xlabel="learning rate", ylabel="L2 regularisation (reg)",
-           title="Best validation accuracy per learning rate x reg")
+    for axis, values in zip((ax.xaxis, ax.yaxis), columns):
+        numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if len(numbers) == len(values) and min(numbers) > 0 and max(numbers) >= 10 * min(numbers):
+            axis._set_axes_scale("log")
+    ax.set(xlabel=names[0], ylabel=names[1] if len(names) == 2 else "validation accuracy",
+           title="Best validation accuracy over " + " and ".join(names))
     fig.colorbar(points, ax=ax, label="validation accuracy")
     utils.save_figure(fig, path)
+    return path
 
 
 def report(study, plan):
-    """Write every output file and print the top-k table and where things are."""
-    out = plan["out_dir"]
+    """Write every output file, then print the top-k table and where things are."""
     write_tables(study, plan)
     best = write_best(study, plan)
-    plot_history(study, os.path.join(out, FILES["history"]))
-    why_not = plot_importance(study, os.path.join(out, FILES["importance"]))
-    plot_lr_reg(study, os.path.join(out, FILES["lr_reg"]))
+    plot_search_history(study, os.path.join(plan["out_dir"], FILES["history"]))
+    importances, why_not = plot_importance(study, os.path.join(plan["out_dir"], FILES["importance"]))
+    pair = plot_top_pair(study, plan, importances)
     print(f"\nStudy {plan['study_name']!r}: {summary(study)}")
     if best is None:
         print("No trial has completed yet.")
@@ -874,34 +1019,46 @@ def report(study, plan):
     if why_not:
         print(f"(parameter importance not drawn: {why_not})")
     print(f"\nBest: trial {best['trial']}, validation accuracy {best['best_val_acc']:.4f}")
-    print(f"Saved in {out}: {', '.join(FILES.values())}")
+    files = [*FILES.values(), *([os.path.basename(pair)] if pair else [])]
+    print(f"Saved in {plan['out_dir']}: {', '.join(files)}")
     if best["checkpoint"]:
         print(f"Evaluate it: python test.py --model {best['checkpoint']}")
+    print(f"Browse the study: optuna-dashboard {where(plan['storage'])}")
+
+
+def status_line(study, plan):
+    """What the study holds and what this run will do, in one line."""
+    trials = study.get_trials(deepcopy=False)
+    finished = counted([t for t in trials if t.state.is_finished()])
+    budget = plan["n_trials"] - counted(trials) if plan["n_trials"] else None
+    if plan["sampler"] == "grid":
+        what = f"a grid of {len(grid(plan['space']))} combinations"
+        queued = sum(t.state == TrialState.WAITING for t in trials)
+        todo = queued if budget is None else min(queued, budget)
+    else:
+        what = f"a {plan['sampler']} search"
+        todo = "trials until --timeout" if budget is None else budget
+    workers = plan["workers"]
+    threads = f" with {blas_threads(workers)} BLAS thread(s) each" if workers > 1 else ""
+    return (f"Study {plan['study_name']!r} in {where(plan['storage'])}: {what}; {finished} "
+            f"trial(s) finished before; {todo} to run on {workers} worker(s){threads}")
 
 
 # --- command line -----------------------------------------------------------------------------
 
 
-def _positive(kind):
+def _integer(low, high=None, kind=int):
+    """An argparse type: a number of `kind` in [low, high]."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not value > 0 or (kind is float and not math.isfinite(value)):
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        if not (value >= low and (high is None or value <= high) and math.isfinite(value)):
+            bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
         return value
     return parse
-
-
-def _count(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def _study_name(text):
@@ -913,7 +1070,8 @@ def _study_name(text):
 def build_parser():
     parser = cli.Parser(
         description="Hyperparameter search over train.py's options with Optuna. Rerunning "
-                    "the same command resumes the search.",
+                    "the same command resumes the search; browse it live with "
+                    "`optuna-dashboard OUT_DIR/study.journal`.",
         epilog="--space items: KEY=V1,V2,... lists values (a grid dimension); KEY=LO:HI or "
                "KEY=LO:HI:log is a range (random and tpe only). KEY is any training option "
                "below (dashes or underscores; learning_rate and reg_lambda also work). "
@@ -927,32 +1085,34 @@ def build_parser():
                         '1e-2, "log": true}}; --space items override its keys')
     s.add_argument("--sampler", choices=SAMPLERS, default="grid",
                    help="grid: each combination exactly once; random; tpe (default: grid)")
-    s.add_argument("--n-trials", type=_positive(int), metavar="N",
+    s.add_argument("--n-trials", type=_integer(1), metavar="N",
                    help="trials in the whole study, counting those of earlier runs (default: "
                         "the whole grid; 20 for random and tpe unless --timeout is given)")
-    s.add_argument("--timeout", type=_positive(float), metavar="SECONDS",
+    s.add_argument("--timeout", type=_integer(1e-9, kind=float), metavar="SECONDS",
                    help="start no trial after this many seconds of this run")
     s.add_argument("--pruner", choices=PRUNERS, default="none",
                    help="stop poor trials early on their per-epoch validation accuracy: "
                         "median or successive halving (default: none)")
-    s.add_argument("--prune-startup", type=_count, default=5, metavar="N",
+    s.add_argument("--prune-startup", type=_integer(0), default=5, metavar="N",
                    help="median: complete trials before any pruning (default: 5)")
-    s.add_argument("--prune-warmup", type=_count, default=1, metavar="EPOCHS",
+    s.add_argument("--prune-warmup", type=_integer(0), default=1, metavar="EPOCHS",
                    help="epochs every trial runs before it may be pruned (default: 1)")
-    s.add_argument("--workers", type=_positive(int), default=1, metavar="N",
-                   help="local worker processes; each gets cores/N BLAS threads (default: 1)")
+    s.add_argument("--workers", type=_integer(1, MAX_WORKERS), default=1, metavar="N",
+                   help=f"local worker processes, at most {MAX_WORKERS} (4 per core); each "
+                        "gets cores/N BLAS threads (default: 1)")
     s.add_argument("--storage", metavar="URL_OR_FILE",
-                   help="an Optuna RDB URL (postgresql+psycopg2://user@host/db: every machine "
-                        "running the same command shares the work) or a journal file "
-                        "(default: OUT_DIR/study.journal)")
+                   help="a journal file (default: OUT_DIR/study.journal) or a PostgreSQL URL "
+                        "(postgresql+psycopg2://user@host/db: every machine running the same "
+                        "command shares the work); no other database")
     s.add_argument("--study-name", type=_study_name, default="search",
                    help="the study to create or resume (default: search)")
     s.add_argument("--out-dir", metavar="DIR",
-                   help="trials and results (default: results/STUDY_NAME)")
-    s.add_argument("--top-k", type=_positive(int), default=10, metavar="K",
+                   help="trials and results, one study per folder (default: results/STUDY_NAME)")
+    s.add_argument("--top-k", type=_integer(1), default=10, metavar="K",
                    help="rows of the printed table (default: 10)")
-    s.add_argument("--sampler-seed", type=int, metavar="N",
-                   help="seed of the random and tpe samplers (worker i uses N+i; default: none)")
+    s.add_argument("--sampler-seed", type=_integer(0, 2**32 - 1), metavar="N",
+                   help="seed of the random and tpe samplers, 0 to 2**32-1; each trial's seed "
+                        "derives from it, the worker and the trials so far (default: none)")
     s.add_argument("--preset", choices=sorted(cfg.PRESETS), default=DEFAULT_PRESET,
                    help=f"training recipe the options below change (default: {DEFAULT_PRESET})")
     preset = ", ".join(f"{k}={v}" for k, v in cfg.PRESETS[DEFAULT_PRESET].items())
@@ -966,7 +1126,7 @@ def build_parser():
     return parser
 
 
-def check_fits(plan, n_images):
+def check_search_fits(plan, n_images):
     """Refuse a search whose largest --val-size and --batch-size the data cannot fill."""
     config = dict(plan["base"])
     for key in ("val_size", "batch_size"):
@@ -984,50 +1144,30 @@ def main(argv=None):
         plan = make_plan(args)
     except cli.Error as exc:  # a bad option value: a usage error, exit status 2
         raise cli.UsageError(str(exc)) from exc
-    # Before the study is written: a download happens here once, and every check is done.
-    data = data_loader.load_data(plan["data_dir"])
-    check_fits(plan, len(data[0]))
+    data = data_loader.load_data(plan["data_dir"])  # a download happens here, once
+    check_search_fits(plan, len(data[0]))
     cli.writable_folder(plan["out_dir"])
-    job = Job(plan)
-    job.lock.acquire()
-    try:
-        has_work = prepare(job.study, plan)
-    finally:
-        job.lock.release()
-    print(status_line(job.study, plan), flush=True)
-    failed_workers = 0
-    try:
-        if has_work:
-            if plan["workers"] == 1:
-                job.data = data
-                job.run()
-            else:
-                del data
-                failed_workers = run_workers(plan, plan["workers"])
-    finally:  # also after Ctrl-C: the tables and the best so far
-        report(job.study, plan)
-    if failed_workers:
-        raise cli.Error(f"{failed_workers} of {plan['workers']} workers stopped on an error "
-                        "(see above); rerun the command to finish the search")
+    with folder_lock(plan["out_dir"]):
+        check_out_dir(plan)
+        worker = Worker(plan, data=data if plan["workers"] == 1 else None)
+        del data
+        try:
+            has_work = worker.has_work()
+            write_tables(worker.study, plan)  # marks the folder as this study's
+            print(status_line(worker.study, plan), flush=True)
+            if has_work and plan["workers"] == 1:
+                worker.run()
+            elif has_work:
+                run_workers(plan)
+        except KeyboardInterrupt as exc:
+            signum = getattr(exc, "signum", signal.SIGINT)
+            print(f"stopped by {signal.Signals(signum).name}: rerun the same command to go on",
+                  file=sys.stderr, flush=True)
+            return 128 + signum
+        finally:  # also after a signal: the tables and the best so far
+            worker.close()
+            report(worker.study, plan)
     return 0
-
-
-def status_line(study, plan):
-    """What the study holds and what this run will do, in one line."""
-    trials = study.get_trials(deepcopy=False)
-    finished = counted([t for t in trials if t.state.is_finished()])
-    budget = plan["n_trials"] - counted(trials) if plan["n_trials"] else None
-    if plan["sampler"] == "grid":
-        what = f"a grid of {len(grid(plan['space']))} combinations"
-        queued = sum(t.state == TrialState.WAITING for t in trials)
-        todo = queued if budget is None else min(queued, budget)
-    else:
-        what = f"a {plan['sampler']} search"
-        todo = "trials until --timeout" if budget is None else budget
-    workers = plan["workers"]
-    threads = f" with {blas_threads(workers)} BLAS thread(s) each" if workers > 1 else ""
-    return (f"Study {plan['study_name']!r} in {shown(plan['storage'])}: {what}; {finished} "
-            f"trial(s) finished before; {todo} to run on {workers} worker(s){threads}")
 
 
 if __name__ == "__main__":

@@ -183,8 +183,10 @@ def test_grid_runs_each_combination_once_and_writes_everything(tmp_path, data_di
     assert (out / "best.npy").read_bytes() == open(best["trial_checkpoint"], "rb").read()
     net, meta = model.load_checkpoint(str(out / "best.npy"))
     assert meta["config"]["lr"] == best["best_params"]["learning_rate"]
-    for name in ("optimization_history.png", "param_importance.png", "val_acc_lr_reg.png"):
+    for name in ("optimization_history.png", "param_importance.png",
+                 "val_acc_lr_hidden_size.png"):  # what varied; reg was not searched
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "val_acc_lr_reg.png").exists()
 
     # Rerunning the same command finds nothing to do and changes nothing.
     assert search(out, data_dir, "--space", *items, monkeypatch=monkeypatch) == 0
