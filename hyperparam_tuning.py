@@ -339,7 +339,7 @@ class JournalLock:
         self.journal, self._file = journal, None
 
     def acquire(self):
-        self._file = open(self.journal + ".lock", "a")
+        self._file = open(self.journal, "ab")  # Optuna's own lock is a symlink: no clash
         fcntl.flock(self._file, fcntl.LOCK_EX)
         mend_journal(self.journal)
         return True

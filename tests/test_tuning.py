@@ -1,5 +1,7 @@
 """hyperparam_tuning.py: search spaces, grid coverage, resume after a kill, pruning, failures,
 and one study shared by processes through a real PostgreSQL server, on tiny synthetic data."""
+import contextlib
+import errno
 import glob
 import json
 import os
@@ -20,12 +22,19 @@ import pytest
 import cli
 import hyperparam_tuning as ht
 import model
+import utils
 from conftest import CLASS_NAMES, FOLDER, TRAIN_FILES, batch_bytes
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                       "hyperparam_tuning.py")
 # Tiny, fast trials: 250 training and 50 validation images, a few epochs.
-TINY = ["--val-size", "50", "--batch-size", "50", "--epochs", "2", "--preset", "fast"]
+TINY = ["--val-size", "50", "--batch-size", "50", "--preset", "fast"]
+
+
+def tiny(args):
+    """TINY, with 2 epochs unless the arguments set or search the epochs."""
+    sets_epochs = any(a == "--epochs" or str(a).startswith("epochs=") for a in args)
+    return [*TINY, *([] if sets_epochs else ["--epochs", "2"])]
 
 
 def write_learnable_cifar(root, n_per_batch=60, seed=0):
@@ -54,11 +63,11 @@ def search(out_dir, data_dir, *args, monkeypatch=None):
     """Run the search in this process (one worker); returns main's exit status."""
     if monkeypatch:
         monkeypatch.setattr(ht, "catch_interrupts", lambda: None)  # keep pytest's Ctrl-C
-    return ht.main([*args, *TINY, "--data-dir", data_dir, "--out-dir", str(out_dir)])
+    return ht.main([*args, *tiny(args), "--data-dir", data_dir, "--out-dir", str(out_dir)])
 
 
 def command(out_dir, data_dir, *args):
-    return [sys.executable, SCRIPT, *args, *TINY, "--data-dir", data_dir,
+    return [sys.executable, SCRIPT, *args, *tiny(args), "--data-dir", data_dir,
             "--out-dir", str(out_dir)]
 
 
@@ -148,12 +157,38 @@ def test_bad_input_is_refused_before_any_work(tmp_path, data_dir, args, message)
 
 
 def test_usage_errors_exit_2(tmp_path, data_dir, capsys):
-    for bad in (["--workers", "0"], ["--sampler", "bayes"], ["--study-name", "a/b"]):
+    bad_values = (["--workers", "0"], ["--workers", str(ht.MAX_WORKERS + 1)],
+                  ["--sampler", "bayes"], ["--study-name", "a/b"], ["--sampler-seed", "-1"],
+                  ["--sampler-seed", str(2**32)])
+    for bad in bad_values:
         with pytest.raises(SystemExit) as exit_info:
             search(tmp_path / "out", data_dir, *bad)
         assert exit_info.value.code == 2
-    assert capsys.readouterr().err.count("error:") == 3
+    assert capsys.readouterr().err.count("error:") == len(bad_values)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("storage,message", [
+    ("sqlite:///{tmp}/study.db", "not sqlite://"),
+    ("mysql://user@host/db", "not mysql://"),
+    ("/dev/null", "/dev/null is not a regular file"),
+    ("{tmp}", "is not a regular file"),
+])
+def test_only_a_journal_file_or_postgresql_is_accepted(tmp_path, data_dir, storage, message):
+    before = set(os.listdir(tmp_path)), set(os.listdir("/dev"))
+    with pytest.raises(cli.UsageError, match=message):
+        search(tmp_path / "out", data_dir, "--storage", storage.format(tmp=tmp_path))
+    assert (set(os.listdir(tmp_path)), set(os.listdir("/dev"))) == before  # no .claim, .lock
+
+
+@pytest.mark.parametrize("content,message", [
+    (b'{"lr": [0.01, 0.05], "activation": "r\xe9lu"}', "is not UTF-8 text"),
+    (b'{"lr": ' + b"[" * 100000 + b"]" * 100000 + b"}", "is nested too deeply"),
+], ids=["not-utf8", "nested"])
+def test_a_bad_space_file_is_one_clear_error(tmp_path, data_dir, content, message):
+    (tmp_path / "space.json").write_bytes(content)
+    with pytest.raises(cli.UsageError, match=message):
+        search(tmp_path / "out", data_dir, "--space-file", str(tmp_path / "space.json"))
 
 
 # --- whole searches ---------------------------------------------------------------------------
@@ -287,6 +322,317 @@ def test_random_search_counts_its_budget_over_reruns(tmp_path, data_dir, monkeyp
     trials = load_trials(str(out / "study.journal"))
     assert len(trials) == 5 and all(4 <= t.params["hidden_size"] <= 16 for t in trials)
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+
+
+# --- failures the search survives -------------------------------------------------------------
+
+RUNNING = optuna.trial.TrialState.RUNNING
+SLOW_FIRST = ["--space", "epochs=250,2,3", "--hidden-size", "8"]  # one long trial, two short
+
+
+def journal_study(journal, name="search"):
+    return optuna.load_study(study_name=name, storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(journal))))
+
+
+def wait_for(condition, what, timeout=60):
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def running_trials(journal):
+    if not os.path.exists(journal):
+        return []
+    return [t for t in load_trials(str(journal)) if t.state == RUNNING and "worker" in t.user_attrs]
+
+
+def start(out_dir, data_dir, *args, prefix=(), log):
+    """Start the search as a command in its own process group, output to `log`."""
+    with open(log, "w") as f:
+        return subprocess.Popen([*prefix, *command(out_dir, data_dir, *args)], stdout=f,
+                                stderr=subprocess.STDOUT, env=environment(),
+                                start_new_session=True)
+
+
+def descendants(pid):
+    """The pids of every live process below `pid`."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if fields[0] != "Z":
+                parents.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def namespaces(*flags):
+    """Skip unless this runs as root with unshare able to make these namespaces."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare")
+    probe = subprocess.run(["unshare", *flags, "true"], capture_output=True)
+    if probe.returncode:
+        pytest.skip(f"unshare {' '.join(flags)} fails here: {probe.stderr.decode().strip()}")
+    return ["unshare", *flags]
+
+
+def test_a_resumed_seeded_search_draws_new_points(tmp_path, data_dir, monkeypatch):
+    args = ["--sampler", "random", "--sampler-seed", "0", "--space", "lr=1e-3:0.1:log",
+            "hidden_size=4:16"]
+    points = []
+    for out in (tmp_path / "a", tmp_path / "b"):
+        search(out, data_dir, *args, "--n-trials", "3", monkeypatch=monkeypatch)
+        search(out, data_dir, *args, "--n-trials", "6", monkeypatch=monkeypatch)
+        points.append([_key(t.params) for t in load_trials(str(out / "study.journal"))])
+    assert len(set(points[0])) == 6  # the rerun did not repeat the first three
+    assert points[0] == points[1]  # and the same commands draw the same points
+
+
+def _key(params):
+    return tuple(sorted(params.items()))
+
+
+@pytest.mark.parametrize("backend", ["journal", "postgresql"])
+def test_a_trial_left_running_by_a_dead_worker_on_another_host_runs_again(
+        tmp_path, data_dir, backend, request, monkeypatch):
+    """No heartbeat, another hostname: only the worker's token can tell that it died."""
+    items, out = ["lr=0.05,0.02"], tmp_path / "out"
+    storage, name = str(out / "study.journal"), "search"
+    if backend == "postgresql":
+        storage, name = request.getfixturevalue("postgres_url"), f"orphan-{uuid.uuid4().hex[:8]}"
+    args = ["--space", *items, "--storage", storage, "--study-name", name]
+    search(out, data_dir, *args, "--n-trials", "1", monkeypatch=monkeypatch)  # one left queued
+    study = (journal_study(storage) if backend == "journal"
+             else optuna.load_study(study_name=name, storage=storage))
+    orphan = study.ask()  # taken by a worker on another machine, which then died
+    orphan.set_user_attr("worker", {"host": "elsewhere", "pid": 4242, "start": 1,
+                                    "token": uuid.uuid4().hex})
+    search(out, data_dir, *args, monkeypatch=monkeypatch)
+    trials = load_trials(storage, name)
+    assert_grid_once(trials, items)
+    assert [t.number for t in trials if t.state != optuna.trial.TrialState.COMPLETE] == \
+        [orphan.number]
+
+
+def test_a_search_killed_under_another_hostname_resumes(tmp_path, data_dir):
+    prefix = namespaces("--uts") + ["sh", "-c", 'hostname elsewhere && exec "$@"', "sh"]
+    out, journal = tmp_path / "out", tmp_path / "out" / "study.journal"
+    first = start(out, data_dir, *SLOW_FIRST, prefix=prefix, log=tmp_path / "first.log")
+    try:
+        wait_for(lambda: running_trials(journal), "the long trial to start")
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert running_trials(journal)[0].user_attrs["worker"]["host"] == "elsewhere"
+    run(out, data_dir, *SLOW_FIRST)
+    trials = load_trials(str(journal))
+    assert_grid_once(trials, ["epochs=250,2,3"])
+    assert not [t for t in trials if t.state == RUNNING]
+
+
+def test_a_live_trial_in_another_pid_namespace_is_left_alone(tmp_path, data_dir):
+    prefix = namespaces("--pid", "--fork", "--mount-proc")
+    journal = tmp_path / "study.journal"
+    args = [*SLOW_FIRST, "--storage", str(journal)]
+    first = start(tmp_path / "a", data_dir, *args, prefix=prefix, log=tmp_path / "a.log")
+    try:
+        wait_for(lambda: running_trials(journal), "the long trial to start")
+        os.killpg(first.pid, signal.SIGSTOP)  # alive, holding its trial, but not moving
+        printed = run(tmp_path / "b", data_dir, *args)
+    finally:
+        os.killpg(first.pid, signal.SIGCONT)
+    assert first.wait(timeout=120) == 0, (tmp_path / "a.log").read_text()
+    assert "2 to run" in printed and "1 running" in printed
+    trials = load_trials(str(journal))
+    assert len(trials) == 3
+    assert_grid_once(trials, ["epochs=250,2,3"])
+
+
+def test_a_trial_retired_while_it_runs_is_reported_not_a_crash(tmp_path, data_dir, capsys,
+                                                              monkeypatch):
+    """As after a false 'dead' verdict: another worker fails the trial while it trains."""
+    items, out = ["lr=0.05,0.02"], tmp_path / "out"
+    real_train, retired = ht.train.train, []
+
+    def train_then_retire(config, **kwargs):
+        result = real_train(config, **kwargs)
+        if not retired:
+            study = journal_study(out / "study.journal")
+            retired.append(next(t.number for t in study.get_trials() if t.state == RUNNING))
+            study.tell(retired[0], state=optuna.trial.TrialState.FAIL)
+        return result
+
+    monkeypatch.setattr(ht.train, "train", train_then_retire)
+    assert search(out, data_dir, "--space", *items, monkeypatch=monkeypatch) == 0
+    assert f"trial {retired[0]} was retired by another worker" in capsys.readouterr().out
+    trials = load_trials(str(out / "study.journal"))
+    assert_grid_once(trials, items)  # its point ran again
+    assert len(trials) == 3
+
+
+def test_a_torn_last_line_of_the_journal_is_moved_aside(tmp_path, data_dir, capsys,
+                                                        monkeypatch):
+    items, out = ["lr=0.05,0.02"], tmp_path / "out"
+    journal = out / "study.journal"
+    search(out, data_dir, "--space", *items, "--n-trials", "1", monkeypatch=monkeypatch)
+    done = [t.value for t in load_trials(str(journal))]
+    last = journal.read_bytes().splitlines()[-1]
+    with open(journal, "ab") as f:  # a full disk or a power cut during an append
+        f.write(last[:len(last) // 2])
+    assert search(out, data_dir, "--space", *items, monkeypatch=monkeypatch) == 0
+    assert "moved it to" in capsys.readouterr().err
+    assert (out / "study.journal.torn").read_bytes() == last[:len(last) // 2] + b"\n"
+    trials = load_trials(str(journal))
+    assert_grid_once(trials, items)
+    assert trials[0].value == done[1 - 1]
+
+
+def test_a_full_disk_leaves_the_trial_to_run_again(tmp_path, data_dir, monkeypatch):
+    """ENOSPC on curves.png (with a good checkpoint) is the machine's fault, not the trial's."""
+    items, out = ["lr=0.05,0.02"], tmp_path / "out"
+    real_write, hit = cli.atomic_write, []
+
+    @contextlib.contextmanager
+    def full_disk(path, mode="wb"):
+        if str(path).endswith("curves.png") and not hit:
+            hit.append(path)
+            raise cli.Error(f"cannot write {path}: No space left on device") from OSError(
+                errno.ENOSPC, "No space left on device")
+        with real_write(path, mode) as f:
+            yield f
+
+    monkeypatch.setattr(cli, "atomic_write", full_disk)
+    with pytest.raises(cli.Error, match="trial 0 stopped: .*No space left on device.*rerun"):
+        search(out, data_dir, "--space", *items, monkeypatch=monkeypatch)
+    first = load_trials(str(out / "study.journal"))[0]
+    assert ht.interrupted(first) and "No space left" in first.user_attrs["failure"]
+    assert search(out, data_dir, "--space", *items, monkeypatch=monkeypatch) == 0
+    trials = load_trials(str(out / "study.journal"))
+    assert_grid_once(trials, items)
+    assert trials[-1].user_attrs["folder"] == 0  # the rerun went on in trial_0/
+
+
+def test_a_second_study_in_the_same_out_dir_is_refused(tmp_path, data_dir, monkeypatch):
+    out = tmp_path / "out"
+    search(out, data_dir, "--space", "lr=0.05", "--study-name", "a", monkeypatch=monkeypatch)
+    with pytest.raises(cli.Error, match=f"--out-dir {out} holds study 'a'"):
+        search(out, data_dir, "--space", "lr=0.02", "--study-name", "b", monkeypatch=monkeypatch)
+    assert sorted(p.name for p in out.glob("trial_*")) == ["trial_0"]
+
+
+def test_best_npy_comes_only_from_the_study_s_own_trial_folders(tmp_path, data_dir, capsys,
+                                                                monkeypatch):
+    """A stored trial that names any file as its checkpoint gets it nowhere."""
+    out, secret = tmp_path / "out", tmp_path / "secret"
+    secret.write_text("not for best.npy")
+    search(out, data_dir, "--space", "lr=0.05", monkeypatch=monkeypatch)
+    study = journal_study(out / "study.journal")
+    study.add_trial(optuna.trial.create_trial(
+        params={"lr": 0.05}, distributions={"lr": optuna.distributions.CategoricalDistribution(
+            [0.05])}, value=1.5, user_attrs={"checkpoint": str(secret), "folder": 0}))
+    (out / "trial_0" / "best.npy").write_text("not a checkpoint either")
+    search(out, data_dir, "--space", "lr=0.05", monkeypatch=monkeypatch)
+    assert "note: no best.npy here" in capsys.readouterr().out
+    assert not (out / "best.npy").exists() or model.load_checkpoint(str(out / "best.npy"))
+    assert (out / "best.npy").read_bytes() != secret.read_bytes()
+    assert json.loads((out / "best_result.json").read_text())["checkpoint"] is None
+
+
+def test_the_importance_plot_does_not_rely_on_optuna_s_default(tmp_path, data_dir,
+                                                              monkeypatch):
+    """Optuna 4's default evaluator (fANOVA) needs scikit-learn, which is not required."""
+    real = optuna.importance.get_param_importances
+
+    def like_optuna_4(study, evaluator=None, **kwargs):
+        if evaluator is None:
+            raise ImportError("fANOVA needs scikit-learn")
+        return real(study, evaluator=evaluator, **kwargs)
+
+    monkeypatch.setattr(optuna.importance, "get_param_importances", like_optuna_4)
+    out = tmp_path / "out"
+    search(out, data_dir, "--space", "lr=0.05,0.02", "hidden_size=8,16", monkeypatch=monkeypatch)
+    assert (out / "param_importance.png").exists()
+
+
+def test_the_history_plot_numbers_trials_with_whole_numbers(tmp_path, data_dir, monkeypatch):
+    drawn, real_save = {}, utils.save_figure
+    monkeypatch.setattr(utils, "save_figure",
+                        lambda fig, path, **kw: (drawn.update({os.path.basename(path): fig}),
+                                                 real_save(fig, path, **kw)))
+    search(tmp_path / "out", data_dir, "--space", "lr=0.05,0.02", monkeypatch=monkeypatch)
+    ticks = drawn["optimization_history.png"].axes[0].get_xticks()
+    assert len(ticks) and all(t == int(t) for t in ticks)
+    assert "val_acc_lr.png" in drawn and "val_acc_lr_reg.png" not in drawn
+
+
+# --- signals, kills and busy folders ------------------------------------------------------
+
+
+def test_sigterm_to_a_two_worker_search_stops_every_process(tmp_path, data_dir, monkeypatch):
+    out, journal = tmp_path / "out", tmp_path / "out" / "study.journal"
+    args = ["--space", "epochs=250,251", "--hidden-size", "8", "--workers", "2"]
+    parent = start(out, data_dir, *args, log=tmp_path / "log")
+    try:
+        wait_for(lambda: len(running_trials(journal)) == 2, "both workers to train")
+        workers = descendants(parent.pid)
+        with pytest.raises(cli.Error, match=f"{out} is in use by another search \\(pid "
+                                            f"{parent.pid}\\)"):  # one search per folder
+            search(out, data_dir, *args, monkeypatch=monkeypatch)
+        parent.send_signal(signal.SIGTERM)  # the parent only, as a scheduler does
+        assert parent.wait(timeout=60) == 128 + signal.SIGTERM, (tmp_path / "log").read_text()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(parent.pid, signal.SIGKILL)
+    assert len(workers) >= 2 and not [pid for pid in workers if alive(pid)]
+    trials = load_trials(str(journal))
+    assert [t.user_attrs["failure"] for t in trials] == ["interrupted: stopped by a signal"] * 2
+    assert "stopped by SIGTERM" in (tmp_path / "log").read_text()
+
+
+def test_workers_stop_when_their_parent_is_killed(tmp_path, data_dir):
+    out, journal = tmp_path / "out", tmp_path / "out" / "study.journal"
+    args = ["--space", "epochs=250,251", "--hidden-size", "8", "--workers", "2"]
+    parent = start(out, data_dir, *args, log=tmp_path / "log")
+    try:
+        wait_for(lambda: len(running_trials(journal)) == 2, "both workers to train")
+        workers = descendants(parent.pid)
+        parent.kill()  # the parent alone, without a word to its workers
+        parent.wait()
+        wait_for(lambda: not [pid for pid in workers if alive(pid)], "the workers to stop")
+    finally:
+        os.killpg(parent.pid, signal.SIGKILL)
+    assert all(ht.interrupted(t) for t in load_trials(str(journal)))
+
+
+def test_a_killed_worker_is_named_by_the_parent(tmp_path, data_dir):
+    out, journal = tmp_path / "out", tmp_path / "out" / "study.journal"
+    args = ["--space", "epochs=250,2,3", "--hidden-size", "8", "--workers", "2"]
+    parent = start(out, data_dir, *args, log=tmp_path / "log")
+    try:
+        wait_for(lambda: running_trials(journal), "a long trial")
+        os.kill(running_trials(journal)[0].user_attrs["worker"]["pid"], signal.SIGKILL)
+        assert parent.wait(timeout=120) == 1
+    finally:
+        os.killpg(parent.pid, signal.SIGKILL)
+    printed = (tmp_path / "log").read_text()
+    assert "was killed by SIGKILL; its trial will run again: rerun the command" in printed
+    run(out, data_dir, *args)
+    assert_grid_once(load_trials(str(journal)), ["epochs=250,2,3"])
 
 
 # --- one study shared through PostgreSQL ------------------------------------------------------
