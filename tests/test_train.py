@@ -133,8 +133,8 @@ def test_batch_larger_than_the_data_is_refused(tmp_path):
 
 def test_same_numbers_as_the_stored_short_run(tmp_path):
     """Behaviour is unchanged by refactors and speed work: a short float64 run (dropout,
-    smoothing, flips, shifts, Nesterov, L2) matches the history stored in tests/data."""
-    golden = json.loads((Path(__file__).parent / "data" / "golden_run.json").read_text())
+    smoothing, flips, shifts, Nesterov, L2) matches the history stored in tests/golden_run.json."""
+    golden = json.loads((Path(__file__).parent / "golden_run.json").read_text())
     config = cfg.make_config(**golden["config"], save_dir=str(tmp_path))
     result = train.train(config, synthetic_data(), progress=False, evaluate_test=True)
     for got, want in zip(result["history"], golden["epochs"], strict=True):
