@@ -17,6 +17,7 @@ import cli
 import config as cfg
 import data_loader
 import model
+import optim
 import train
 
 BENCH_DEFAULTS = {"hidden_size": [512, 512], "batch_size": 256, "epochs": 2, "n_images": 45000,
@@ -25,7 +26,7 @@ BENCH_DEFAULTS = {"hidden_size": [512, 512], "batch_size": 256, "epochs": 2, "n_
 BENCH_HELP = {"n_images": "training images per epoch (45,000 is CIFAR-10 less validation)",
               "epochs": "timed epochs (after one warm-up epoch); the fastest is reported",
               **cfg.HELP}
-INPUT, CLASSES = 3072, 10
+INPUT, CLASSES = data_loader.PIXELS, data_loader.N_CLASSES
 
 
 def flops_per_image(h1, h2, d=INPUT, c=CLASSES):
@@ -54,7 +55,7 @@ def numpy_epoch_seconds(config, images, labels):
     mean, std = data_loader.compute_stats(images[:5000])
     net = model.ThreeLayerNN(INPUT, config["hidden_size"], CLASSES, config["activation"],
                              dtype=np.float32, dropout=config["dropout"])
-    optimizer = train.SGD(net.params, config["momentum"], config["nesterov"], config["reg"])
+    optimizer = optim.SGD(net.params, config["momentum"], config["nesterov"], config["reg"])
     rng = np.random.default_rng(0)
     times = []
     for epoch in range(config["epochs"] + 1):  # the first epoch warms up caches and threads

@@ -33,7 +33,9 @@ TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
 TEST_FILE = "test_batch"
 IMAGE_SHAPE = (3, 32, 32)  # channels, rows, columns
 PIXELS = 3 * 32 * 32
-N_CLASSES = 10
+CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer",
+               "dog", "frog", "horse", "ship", "truck"]
+N_CLASSES = len(CLASS_NAMES)
 
 TIMEOUT = 30  # seconds to connect, and to wait for each read of the download
 CHUNK = 1 << 20

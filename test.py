@@ -6,7 +6,6 @@
 The checkpoint carries everything needed: architecture, activation, normalisation
 and class names.
 """
-import argparse
 import os
 import warnings
 
@@ -83,21 +82,21 @@ def format_table(metrics):
 
 
 def main(argv=None):
-    parser = cli.Parser(prog="test.py", formatter_class=argparse.HelpFormatter,
+    parser = cli.Parser(prog="test.py",
                         description="Evaluate a saved model on the CIFAR-10 test set, or "
                         "classify your own pictures with --image.")
     utils.add_model_options(parser, "checkpoint to evaluate")
     parser.add_argument("--out-dir", default="results", help="folder for the confusion matrix, "
-                        "misclassified images and metrics JSON (default: results)")
+                        "misclassified images and metrics JSON")
     parser.add_argument("--image", nargs="+", metavar="PATH", help="classify these pictures "
                         "instead (PNG, JPEG, ...; any size): top three classes each")
     args = utils.parse_model_options(parser, argv)
 
     net, meta = model.load_checkpoint(args.model)
     if args.image:
-        if net.input_size != utils.INPUT_SIZE:
+        if net.input_size != utils.PIXELS:
             raise cli.Error(f"{args.model} takes {net.input_size} inputs per image, not "
-                            f"{utils.INPUT_SIZE} (32x32 RGB)")
+                            f"{utils.PIXELS} (32x32 RGB)")
         classify_images(net, meta, args.image)
         return 0
 

@@ -6,7 +6,6 @@ Each PNG is written atomically under a fixed name.
 
 `python utils.py --model results/best.npy` redraws every picture for a saved model.
 """
-import argparse
 import json
 import math
 import os
@@ -19,8 +18,7 @@ import cli
 import data_loader
 import model
 
-IMAGE_SHAPE = (3, 32, 32)  # CIFAR-10 stores an image as its R, G and B planes
-INPUT_SIZE = math.prod(IMAGE_SHAPE)
+from data_loader import IMAGE_SHAPE, PIXELS
 
 # The names every script uses, so that the pictures of a run are easy to find.
 CURVES_PNG = "curves.png"
@@ -34,13 +32,7 @@ MISCLASSIFIED_PNG = "misclassified.png"
 
 def predict_proba(net, images, mean, std, batch_size=2000):
     """Class probabilities of uint8 images, normalised batch by batch to bound memory."""
-    buffer = np.empty((min(batch_size, len(images)), images.shape[1]), net.dtype)
-    probs = np.empty((len(images), net.output_size), net.dtype)
-    for start in range(0, len(images), batch_size):
-        chunk = images[start:start + batch_size]
-        x = data_loader.normalize(chunk, mean, std, out=buffer[:len(chunk)])
-        probs[start:start + len(chunk)] = net.forward(x)
-    return probs
+    return np.exp(model.log_probabilities(net, images, mean, std, batch_size))
 
 
 def confusion_matrix(labels, predictions, n_classes):
@@ -108,9 +100,9 @@ def plot_history(records, path):
 def plot_weights(w1, path, n=100):
     """The first `n` first-layer weight vectors as 32x32 colour images, each scaled to [0, 1]."""
     w1 = np.asarray(w1, dtype=np.float64)
-    if w1.ndim != 2 or w1.shape[0] != INPUT_SIZE:
+    if w1.ndim != 2 or w1.shape[0] != PIXELS:
         raise cli.Error(f"first-layer weights of shape {w1.shape} are not 32x32 RGB images "
-                        f"(need {INPUT_SIZE} rows)")
+                        f"(need {PIXELS} rows)")
     n = min(n, w1.shape[1])
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
@@ -195,11 +187,11 @@ def load_test_set(data_dir, net, model_path):
 def add_model_options(parser, model_help):
     """--model, --data-dir and --batch-size: what test.py and utils.py both take."""
     parser.add_argument("--model", default="results/best.npy",
-                        help=f"{model_help} (default: results/best.npy)")
+                        help=model_help)
     parser.add_argument("--data-dir", default="data",
-                        help="folder holding CIFAR-10 (default: data)")
+                        help="folder holding CIFAR-10")
     parser.add_argument("--batch-size", type=int, default=2000,
-                        help="test images per forward pass (default: 2000)")
+                        help="test images per forward pass")
 
 
 def parse_model_options(parser, argv):
@@ -210,7 +202,7 @@ def parse_model_options(parser, argv):
 
 
 def main(argv=None):
-    parser = cli.Parser(prog="utils.py", formatter_class=argparse.HelpFormatter,
+    parser = cli.Parser(prog="utils.py",
                         description="Redraw the pictures of a saved model: weights, training "
                         "curves (from history.json beside the model), confusion matrix and "
                         "misclassified test images.")

@@ -1,11 +1,13 @@
 """train.py: schedules, the optimiser, and whole training runs on a small synthetic set."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import config as cfg
 import model
+import optim
 import train
 
 
@@ -45,10 +47,10 @@ def test_schedules():
 
 @pytest.mark.parametrize("momentum,nesterov", [(0.0, False), (0.9, False), (0.9, True)])
 def test_sgd_matches_the_formula(momentum, nesterov, monkeypatch):
-    monkeypatch.setattr(train.SGD, "BLOCK", 3)  # several blocks, one of them partial
+    monkeypatch.setattr(optim.SGD, "BLOCK", 3)  # several blocks, one of them partial
     rng = np.random.default_rng(0)
     params = {"w1": rng.normal(size=(2, 4)), "b1": rng.normal(size=4)}
-    opt = train.SGD(params, momentum, nesterov, reg=0.1)
+    opt = optim.SGD(params, momentum, nesterov, reg=0.1)
     w, b = params["w1"].copy(), params["b1"].copy()
     vw, vb = np.zeros_like(w), np.zeros_like(b)
     for _ in range(3):
@@ -127,3 +129,59 @@ def test_batch_larger_than_the_data_is_refused(tmp_path):
     with pytest.raises(train.cli.Error, match="batch-size"):
         train.train(small_config(tmp_path, batch_size=10_000), synthetic_data(), progress=False)
     assert not (tmp_path / "best.npy").exists()
+
+
+def test_same_numbers_as_the_stored_short_run(tmp_path):
+    """Behaviour is unchanged by refactors and speed work: a short float64 run (dropout,
+    smoothing, flips, shifts, Nesterov, L2) matches the history stored in tests/golden_run.json."""
+    golden = json.loads((Path(__file__).parent / "golden_run.json").read_text())
+    config = cfg.make_config(**golden["config"], save_dir=str(tmp_path))
+    result = train.train(config, synthetic_data(), progress=False, evaluate_test=True)
+    for got, want in zip(result["history"], golden["epochs"], strict=True):
+        assert {k: got[k] for k in want} == pytest.approx(want, rel=1e-9)
+    assert (result["test_acc"], result["best_epoch"]) == (golden["test_acc"], golden["best_epoch"])
+    net, _ = model.load_checkpoint(tmp_path / "best.npy")
+    sums = {k: float(np.abs(v).sum()) for k, v in net.params.items()}
+    assert sums == pytest.approx(golden["weight_sums"], rel=1e-9)
+
+
+def test_the_optimisers_l2_is_the_gradient_of_loss_funs_l2():
+    """L2 lives in the optimiser; the report's loss_fun adds 0.5*reg*|w|^2. One plain SGD step
+    with lr 1 from backward_pass's gradients must move each parameter by the numerical
+    gradient of loss_fun."""
+    rng = np.random.default_rng(0)
+    net = model.ThreeLayerNN(12, (7, 5), 4, dtype=np.float64, seed=1)
+    x, y, reg = rng.normal(size=(6, 12)), rng.integers(0, 4, 6), 0.3
+    before = {k: p.copy() for k, p in net.params.items()}
+    log_probs, cache = net.forward_pass(x)
+    optim.SGD(net.params, reg=reg).step(net.params, net.backward_pass(log_probs, y, cache), 1.0)
+    steps = {name: before[name] - p for name, p in net.params.items()}
+    for name, p in net.params.items():
+        p[...] = before[name]
+    for name, p in net.params.items():
+        numeric = np.zeros_like(p)
+        for i in np.ndindex(p.shape):
+            p[i] += 1e-6
+            up = net.loss_fun(x, y, reg)
+            p[i] -= 2e-6
+            numeric[i] = (up - net.loss_fun(x, y, reg)) / 2e-6
+            p[i] += 1e-6
+        assert np.allclose(steps[name], numeric, rtol=1e-5, atol=1e-8), name
+        assert np.allclose(net.backward(x, y, reg)[name], numeric, rtol=1e-5, atol=1e-8), name
+
+
+def test_every_option_is_declared_once_and_reaches_the_command_line(capsys):
+    assert set(cfg.DEFAULT_CONFIG) == set(cfg.HELP) == set(cfg.OPTIONS)
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for key, option in cfg.OPTIONS.items():
+        assert f"--{key.replace('_', '-')}" in text and " ".join(option.help.split()) in text
+    for alias in cfg.ALIASES:  # the report's names stay accepted at the edge
+        assert f"--{alias.replace('_', '-')}" in text
+    assert cfg.make_config(learning_rate=0.3, reg_lambda=0.2)["lr"] == 0.3
+    for key, option in cfg.OPTIONS.items():
+        if option.range:
+            low = float(option.range[1:].split(",")[0])
+            with pytest.raises(train.cli.Error, match=f"--{key.replace('_', '-')}"):
+                cfg.make_config(**{key: type(option.default)(low - 1)})
