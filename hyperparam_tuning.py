@@ -42,6 +42,7 @@ import math
 import multiprocessing
 import os
 import re
+import select
 import signal
 import socket
 import sys
@@ -68,14 +69,13 @@ DEFAULT_PRESET = "fast"
 # decay), small enough for an afternoon; lr_decay joins when the schedule is `step`.
 DEFAULT_SPACE = ["lr=0.01,0.05", "hidden_size=256,512", "reg=1e-4,1e-3", "activation=relu,tanh"]
 DEFAULT_DECAYS = "lr_decay=0.9,0.95"
-ALIASES = {"learning_rate": "lr", "reg_lambda": "reg"}  # the report's names
 LOCAL_KEYS = ("data_dir", "save_dir")  # may differ between machines; never searched
 TRAIN_OPTIONS = {k: v for k, v in cfg.DEFAULT_CONFIG.items() if k != "save_dir"}
 BLAS_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 MAX_WORKERS = 4 * CORES
+STOP_SIGNALS = (signal.SIGINT, *cli.STOP_SIGNALS)
 TOKEN = re.compile(r"[0-9a-f]{32}")
-STATE_FILE = getattr(train, "STATE_FILE", "resume_state.npz")  # TODO: train.STATE_FILE
 FILES = {"json": "trials.json", "csv": "trials.csv", "best": "best_result.json",
          "model": "best.npy", "history": "optimization_history.png",
          "importance": "param_importance.png"}  # and val_acc_<a>_<b>.png
@@ -141,7 +141,7 @@ def _as_text(key, value, path):
 def space_key(name):
     """The config key a --space name means (dashes, the report's names allowed)."""
     key = name.strip().replace("-", "_")
-    key = ALIASES.get(key, key)
+    key = cfg.ALIASES.get(key, key)
     if key not in cfg.DEFAULT_CONFIG or key in LOCAL_KEYS:
         keys = ", ".join(k for k in cfg.DEFAULT_CONFIG if k not in LOCAL_KEYS)
         raise cli.Error(f"cannot search {name!r}: not a training option; choose from {keys}")
@@ -311,25 +311,6 @@ def flocked(path):
     with open(path, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         yield f
-
-
-@contextlib.contextmanager
-def folder_lock(path):
-    """Hold folder `path` for this process; refuse at once while a live process holds it."""
-    f = open(os.path.join(path, ".lock"), "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "unknown"
-        f.close()
-        raise cli.Error(f"{path} is in use by another search (pid {holder}); wait for it "
-                        "or use another --out-dir") from None
-    with f:
-        f.truncate(0)
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        yield
 
 
 class JournalLock:
@@ -642,6 +623,8 @@ class Worker:
         save_dir, state, value, why, stop, result = trial_folder(plan, trial), None, None, "", None, {}
 
         def on_epoch(record):
+            if _stopping:  # a signal whose exception got lost (it can be, in an import)
+                raise cli.Stopped(_stopping)
             records.append(record)
             trial.report(record["val_acc"], record["epoch"])
             if trial.should_prune():
@@ -651,11 +634,11 @@ class Worker:
             params = config_values(suggest(trial, plan["space"]))
             config = cfg.make_config(plan["preset"], **plan["fixed"], **params, save_dir=save_dir)
             trial.set_user_attr("config", config)
-            resume = os.path.exists(os.path.join(save_dir, STATE_FILE))
+            resume = os.path.exists(os.path.join(save_dir, train.STATE_FILE))
             result = train.train(config, data=self.data, on_epoch=on_epoch, progress=False,
-                                 **({"resume": True} if resume else {}))
+                                 resume=resume)
             if result["stopped"] == "interrupted":  # train.train keeps a signal to itself
-                raise Stopped(signal.SIGINT)
+                raise cli.Stopped(result["signal"])
             state, value = TrialState.COMPLETE, result["best_val_acc"]
         except optuna.TrialPruned:
             state = TrialState.PRUNED
@@ -712,44 +695,44 @@ def blas_threads(workers):
     return threads
 
 
-class Stopped(KeyboardInterrupt):  # TODO: cli.Stopped
-    def __init__(self, signum):
-        super().__init__(signum)
-        self.signum = signum
-
-
-_stopping = False  # set by the first signal: start no new trial
+_stopping = 0  # the first signal: no new trial, no new epoch
 
 
 def _on_signal(signum, frame):
-    """Stop as Ctrl-C does, once: Python can drop the exception (e.g. in a weakref
-    callback), and a second signal must not cut short the recording of the first."""
+    """Stop as Ctrl-C does, once: a second signal must not cut short the recording of the
+    first. The flag stays, since CPython can drop the exception (e.g. inside an import)."""
     global _stopping
     if not _stopping:
-        _stopping = True
-        raise Stopped(signum)
+        _stopping = signum
+        raise cli.Stopped(signum)
 
 
-def catch_interrupts():
-    """SIGINT, SIGTERM and SIGHUP stop the process cleanly (not when they are ignored)."""
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(signum) in (signal.default_int_handler, signal.SIG_DFL):
+def catch_interrupts(parent=None):
+    """Stop cleanly on SIGINT, SIGTERM or SIGHUP (unless ignored), and when `parent` dies."""
+    for signum in STOP_SIGNALS:
+        if signal.getsignal(signum) is not signal.SIG_IGN:
             signal.signal(signum, _on_signal)
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    signal.set_wakeup_fd(write)
+    threading.Thread(target=_relay, args=(read, parent), daemon=True).start()
 
 
-def watch_parent(parent):
-    """Stop this worker as a signal would once its parent is gone (kill -9 tells no one)."""
-    def watch():
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
-    threading.Thread(target=watch, daemon=True).start()
+def _relay(read, parent):
+    """Pass the first signal on to the main thread, or SIGTERM once the parent is gone (kill -9
+    tells no one). A signal that lands on another thread (BLAS, tqdm) sets a flag that CPython
+    may not look at for seconds; one sent to the main thread is acted on at once."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    while not select.select([read], [], [], 0.5)[0]:
+        if parent and os.getppid() != parent:
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+            return
+    signal.pthread_kill(threading.main_thread().ident, os.read(read, 1)[0])
 
 
 def worker_main(plan, index):
     """A spawned worker: load the data once, then run trials."""
-    catch_interrupts()
-    watch_parent(plan["parent_pid"])
+    catch_interrupts(plan["parent_pid"])
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
         worker = Worker(plan, index, data_loader.load_data(plan["data_dir"], progress=False))
@@ -1084,7 +1067,7 @@ def build_parser():
                    help='JSON object, e.g. {"lr": [0.01, 0.05], "reg": {"low": 1e-4, "high": '
                         '1e-2, "log": true}}; --space items override its keys')
     s.add_argument("--sampler", choices=SAMPLERS, default="grid",
-                   help="grid: each combination exactly once; random; tpe (default: grid)")
+                   help="grid: each combination exactly once; random; tpe")
     s.add_argument("--n-trials", type=_integer(1), metavar="N",
                    help="trials in the whole study, counting those of earlier runs (default: "
                         "the whole grid; 20 for random and tpe unless --timeout is given)")
@@ -1092,37 +1075,36 @@ def build_parser():
                    help="start no trial after this many seconds of this run")
     s.add_argument("--pruner", choices=PRUNERS, default="none",
                    help="stop poor trials early on their per-epoch validation accuracy: "
-                        "median or successive halving (default: none)")
+                        "median or successive halving")
     s.add_argument("--prune-startup", type=_integer(0), default=5, metavar="N",
-                   help="median: complete trials before any pruning (default: 5)")
+                   help="median: complete trials before any pruning")
     s.add_argument("--prune-warmup", type=_integer(0), default=1, metavar="EPOCHS",
-                   help="epochs every trial runs before it may be pruned (default: 1)")
+                   help="epochs every trial runs before it may be pruned")
     s.add_argument("--workers", type=_integer(1, MAX_WORKERS), default=1, metavar="N",
                    help=f"local worker processes, at most {MAX_WORKERS} (4 per core); each "
-                        "gets cores/N BLAS threads (default: 1)")
+                        "gets cores/N BLAS threads")
     s.add_argument("--storage", metavar="URL_OR_FILE",
                    help="a journal file (default: OUT_DIR/study.journal) or a PostgreSQL URL "
                         "(postgresql+psycopg2://user@host/db: every machine running the same "
                         "command shares the work); no other database")
     s.add_argument("--study-name", type=_study_name, default="search",
-                   help="the study to create or resume (default: search)")
+                   help="the study to create or resume")
     s.add_argument("--out-dir", metavar="DIR",
                    help="trials and results, one study per folder (default: results/STUDY_NAME)")
     s.add_argument("--top-k", type=_integer(1), default=10, metavar="K",
-                   help="rows of the printed table (default: 10)")
+                   help="rows of the printed table")
     s.add_argument("--sampler-seed", type=_integer(0, 2**32 - 1), metavar="N",
                    help="seed of the random and tpe samplers, 0 to 2**32-1; each trial's seed "
-                        "derives from it, the worker and the trials so far (default: none)")
+                        "derives from it, the worker and the trials so far")
     s.add_argument("--preset", choices=sorted(cfg.PRESETS), default=DEFAULT_PRESET,
-                   help=f"training recipe the options below change (default: {DEFAULT_PRESET})")
+                   help=f"training recipe the options below change")
     preset = ", ".join(f"{k}={v}" for k, v in cfg.PRESETS[DEFAULT_PRESET].items())
     t = parser.add_argument_group(
         "training options, the same for every trial",
         f"The defaults shown are config.py's; the default --preset {DEFAULT_PRESET} changes "
         f"them to {preset}.")
     cli.add_config_options(t, TRAIN_OPTIONS, cfg.HELP,
-                           {**cfg.CHOICES, "activation": sorted(model.ACTIVATIONS)})
-    parser.formatter_class = argparse.HelpFormatter  # the defaults are in the help texts
+                           {**cfg.CHOICES, "activation": sorted(model.ACTIVATIONS)}, cfg.ALIASES)
     return parser
 
 
@@ -1146,8 +1128,7 @@ def main(argv=None):
         raise cli.UsageError(str(exc)) from exc
     data = data_loader.load_data(plan["data_dir"])  # a download happens here, once
     check_search_fits(plan, len(data[0]))
-    cli.writable_folder(plan["out_dir"])
-    with folder_lock(plan["out_dir"]):
+    with cli.folder_lock(plan["out_dir"], "--out-dir"):
         check_out_dir(plan)
         worker = Worker(plan, data=data if plan["workers"] == 1 else None)
         del data
@@ -1161,8 +1142,8 @@ def main(argv=None):
                 run_workers(plan)
         except KeyboardInterrupt as exc:
             signum = getattr(exc, "signum", signal.SIGINT)
-            print(f"stopped by {signal.Signals(signum).name}: rerun the same command to go on",
-                  file=sys.stderr, flush=True)
+            print(f"error: stopped by {signal.Signals(signum).name}; rerun the same command to "
+                  "continue", file=sys.stderr, flush=True)
             return 128 + signum
         finally:  # also after a signal: the tables and the best so far
             worker.close()
