@@ -38,7 +38,6 @@ import csv
 import fcntl
 import itertools
 import json
-import math
 import multiprocessing
 import os
 import re
@@ -419,7 +418,7 @@ class PostgresStore:
         self._token = self._engine.connect()
         self._token.execute(self._sql("SET tcp_keepalives_idle = 30; SET "
                                       "tcp_keepalives_interval = 10; SET tcp_keepalives_count = 3"))
-        self._token.execute(self._sql("SELECT pg_advisory_lock(:k)"), {"k": _number(token)})
+        self._token.execute(self._sql("SELECT pg_advisory_lock(:k)"), {"k": _lock_key(token)})
         self._token.commit()  # the lock is the session's: no transaction stays open
 
     def drop_token(self):
@@ -427,13 +426,13 @@ class PostgresStore:
 
     def is_dead(self, token):
         taken = self._session.execute(self._sql("SELECT pg_try_advisory_lock(:k)"),
-                                      {"k": _number(token)}).scalar()
+                                      {"k": _lock_key(token)}).scalar()
         if taken:
-            self._session.execute(self._sql("SELECT pg_advisory_unlock(:k)"), {"k": _number(token)})
+            self._session.execute(self._sql("SELECT pg_advisory_unlock(:k)"), {"k": _lock_key(token)})
         return taken
 
 
-def _number(token):
+def _lock_key(token):
     return int(token[:16], 16) - (1 << 63)  # an advisory lock key is a signed 64-bit int
 
 
@@ -1030,15 +1029,16 @@ def status_line(study, plan):
 # --- command line -----------------------------------------------------------------------------
 
 
-def _integer(low, high=None, kind=int):
-    """An argparse type: a number of `kind` in [low, high]."""
+def _bounded(kind, low, high=None):
+    """An argparse type: a number of `kind` (int or float) from low to high."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not (value >= low and (high is None or value <= high) and math.isfinite(value)):
-            bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}"
+                                             f", got {text!r}") from None
+        if not low <= value <= (high or sys.float_info.max):  # nan and inf fail too
+            bounds = f"in [{low}, {high}]" if high else "positive" if low > 0 else ">= 0"
             raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
         return value
     return parse
@@ -1068,19 +1068,19 @@ def build_parser():
                         '1e-2, "log": true}}; --space items override its keys')
     s.add_argument("--sampler", choices=SAMPLERS, default="grid",
                    help="grid: each combination exactly once; random; tpe")
-    s.add_argument("--n-trials", type=_integer(1), metavar="N",
+    s.add_argument("--n-trials", type=_bounded(int, 1), metavar="N",
                    help="trials in the whole study, counting those of earlier runs (default: "
                         "the whole grid; 20 for random and tpe unless --timeout is given)")
-    s.add_argument("--timeout", type=_integer(1e-9, kind=float), metavar="SECONDS",
+    s.add_argument("--timeout", type=_bounded(float, 1e-9), metavar="SECONDS",
                    help="start no trial after this many seconds of this run")
     s.add_argument("--pruner", choices=PRUNERS, default="none",
                    help="stop poor trials early on their per-epoch validation accuracy: "
                         "median or successive halving")
-    s.add_argument("--prune-startup", type=_integer(0), default=5, metavar="N",
+    s.add_argument("--prune-startup", type=_bounded(int, 0), default=5, metavar="N",
                    help="median: complete trials before any pruning")
-    s.add_argument("--prune-warmup", type=_integer(0), default=1, metavar="EPOCHS",
+    s.add_argument("--prune-warmup", type=_bounded(int, 0), default=1, metavar="EPOCHS",
                    help="epochs every trial runs before it may be pruned")
-    s.add_argument("--workers", type=_integer(1, MAX_WORKERS), default=1, metavar="N",
+    s.add_argument("--workers", type=_bounded(int, 1, MAX_WORKERS), default=1, metavar="N",
                    help=f"local worker processes, at most {MAX_WORKERS} (4 per core); each "
                         "gets cores/N BLAS threads")
     s.add_argument("--storage", metavar="URL_OR_FILE",
@@ -1091,9 +1091,9 @@ def build_parser():
                    help="the study to create or resume")
     s.add_argument("--out-dir", metavar="DIR",
                    help="trials and results, one study per folder (default: results/STUDY_NAME)")
-    s.add_argument("--top-k", type=_integer(1), default=10, metavar="K",
+    s.add_argument("--top-k", type=_bounded(int, 1), default=10, metavar="K",
                    help="rows of the printed table")
-    s.add_argument("--sampler-seed", type=_integer(0, 2**32 - 1), metavar="N",
+    s.add_argument("--sampler-seed", type=_bounded(int, 0, 2**32 - 1), metavar="N",
                    help="seed of the random and tpe samplers, 0 to 2**32-1; each trial's seed "
                         "derives from it, the worker and the trials so far")
     s.add_argument("--preset", choices=sorted(cfg.PRESETS), default=DEFAULT_PRESET,

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 
 import numpy as np
@@ -643,6 +644,65 @@ def test_a_killed_worker_is_named_by_the_parent(tmp_path, data_dir):
     assert "was killed by SIGKILL; its trial will run again: rerun the command" in printed
     run(out, data_dir, *args)
     assert_grid_once(load_trials(str(journal)), ["epochs=60,2,3"])
+
+
+# --- optuna-dashboard -----------------------------------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+DASHBOARD_STUDY = "dashboard-check"
+
+
+@pytest.fixture(scope="module")
+def dashboard(tmp_path_factory, data_dir):
+    """optuna-dashboard on 127.0.0.1, serving the default journal of a short search."""
+    out = tmp_path_factory.mktemp("dashboard") / "out"
+    run(out, data_dir, "--space", "lr=0.05,0.02", "--study-name", DASHBOARD_STUDY)
+    url = f"http://127.0.0.1:{_free_port()}"
+    server = subprocess.Popen([shutil.which("optuna-dashboard"), str(out / "study.journal"),
+                               "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1]],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: server.poll() is not None or _get(url + "/api/meta"), "the dashboard")
+        assert server.poll() is None, "optuna-dashboard stopped"
+        yield url, out
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _get(url):
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return json.loads(response.read())
+    except OSError:
+        return None
+
+
+def test_the_dashboard_lists_the_study_and_its_trials(dashboard):
+    url, out = dashboard
+    studies = _get(url + "/api/studies")["study_summaries"]
+    assert [s["study_name"] for s in studies] == [DASHBOARD_STUDY]
+    trials = _get(f"{url}/api/studies/{studies[0]['study_id']}")["trials"]
+    assert [(t["number"], t["state"]) for t in trials] == [(0, "Complete"), (1, "Complete")]
+    stored = json.loads((out / "trials.json").read_text())["trials"]
+    assert [t["values"][0] for t in trials] == [row["best_val_acc"] for row in stored]
+
+
+def test_the_dashboard_page_shows_the_study_in_a_browser(dashboard, tmp_path):
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"no {CHROMIUM} (Debian: apt-get install chromium)")
+    url, _ = dashboard
+    browser = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+               "--no-first-run", "--disable-background-networking", "--disable-component-update",
+               "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+               "--virtual-time-budget=10000", "--window-size=1280,900"]
+    page = subprocess.run([*browser, "--dump-dom", url + "/dashboard"], capture_output=True,
+                          text=True, timeout=120)
+    assert DASHBOARD_STUDY in page.stdout, page.stderr[-2000:]
+    shot = tmp_path / "dashboard.png"
+    subprocess.run([*browser, f"--screenshot={shot}", url + "/dashboard/studies/0"],
+                   capture_output=True, timeout=120)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # --- one study shared through PostgreSQL ------------------------------------------------------
