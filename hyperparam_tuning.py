@@ -335,17 +335,10 @@ def mend_journal(path):
         f.seek(max(0, size - 1))
         if size == 0 or f.read(1) == b"\n":
             return
-        start = size
-        while start > 0:  # back to the last newline
-            block = max(0, start - 65536)
-            f.seek(block)
-            cut = f.read(start - block).rfind(b"\n")
-            if cut >= 0:
-                start = block + cut + 1
-                break
-            start = block
-        f.seek(start)
+        f.seek(max(0, size - (1 << 20)))  # a journal line is far shorter than 1 MiB
         tail = f.read()
+        tail = tail[tail.rfind(b"\n") + 1:]
+        start = size - len(tail)
         with open(path + ".torn", "ab") as aside:
             aside.write(tail + b"\n")
             os.fsync(aside.fileno())
@@ -437,13 +430,9 @@ def _lock_key(token):
 
 
 def open_store(plan):
-    try:
-        if "://" in plan["storage"]:
-            return PostgresStore(plan["storage"], plan["study_name"])
-        return JournalStore(plan["storage"])
-    except Exception as exc:  # bad URL, no driver, no server, unreadable file: one line
-        raise cli.Error(f"cannot open --storage {where(plan['storage'])}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    if "://" in plan["storage"]:
+        return PostgresStore(plan["storage"], plan["study_name"])
+    return JournalStore(plan["storage"])
 
 
 def make_sampler(plan, worker, n_trials):
@@ -948,6 +937,7 @@ def plot_top_pair(study, plan, importances):
     """Validation accuracy over the two most important searched parameters that varied (or
     the one), best per point, in val_acc_<a>_<b>.png; older such plots are removed."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
     import utils
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     varied = [k for k in plan["space"] if len({str(t.params.get(k)) for t in complete}) > 1]
@@ -963,25 +953,28 @@ def plot_top_pair(study, plan, importances):
     for t in complete:
         point = tuple(t.params[k] for k in names)
         cells[point] = max(cells.get(point, -1.0), t.value)
+    accs = list(cells.values())
+    x, y = ([p[i] if _is_number(p[i]) else str(p[i]) for p in cells] for i in (0, -1))
+    y = y if len(names) == 2 else accs
     fig = Figure(figsize=(6.5, 4.8), layout="constrained")
     ax = fig.subplots()
-    columns = [[p[i] if isinstance(p[i], (int, float)) else str(p[i]) for p in cells]
-               for i in range(len(names))]
-    accs = list(cells.values())
-    y = columns[1] if len(names) == 2 else accs
-    points = ax.scatter(columns[0], y, c=accs, s=250, cmap="viridis", edgecolors="black")
-    for x, y_, a in zip(columns[0], y, accs):
-        ax.annotate(f"{a:.3f}", (x, y_), textcoords="offset points", xytext=(0, 11),
-                    ha="center", fontsize=8)
-    for axis, values in zip((ax.xaxis, ax.yaxis), columns):
-        numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        if len(numbers) == len(values) and min(numbers) > 0 and max(numbers) >= 10 * min(numbers):
-            axis._set_axes_scale("log")
+    points = ax.scatter(x, y, c=accs, s=250, cmap="viridis", edgecolors="black")
+    for at, acc in zip(zip(x, y), accs):
+        ax.annotate(f"{acc:.3f}", at, textcoords="offset points", xytext=(0, 11), ha="center",
+                    fontsize=8)
+    for name, values in (("x", x), ("y", y if len(names) == 2 else [])):
+        if values and all(_is_number(v) and v > 0 for v in values) and max(values) >= 10 * min(values):
+            ax.set(**{f"{name}scale": "log"})  # values spanning a decade or more, such as lr
+            getattr(ax, f"{name}axis").set_minor_formatter(NullFormatter())
     ax.set(xlabel=names[0], ylabel=names[1] if len(names) == 2 else "validation accuracy",
            title="Best validation accuracy over " + " and ".join(names))
     fig.colorbar(points, ax=ax, label="validation accuracy")
     utils.save_figure(fig, path)
     return path
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def report(study, plan):

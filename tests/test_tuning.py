@@ -2,6 +2,7 @@
 and one study shared by processes through a real PostgreSQL server, on tiny synthetic data."""
 import contextlib
 import errno
+import fcntl
 import glob
 import json
 import os
@@ -401,6 +402,26 @@ def namespaces(*flags):
     return ["unshare", *flags]
 
 
+def stop_outside_locks(pid, journal):
+    """SIGSTOP a search's process group at a moment it holds neither the journal's write
+    lock nor the claim lock (a stopped holder would block everyone, by design)."""
+    while True:
+        os.killpg(pid, signal.SIGSTOP)
+        if all(lock_is_free(path) for path in (journal, f"{journal}.claim")):
+            return
+        os.killpg(pid, signal.SIGCONT)
+        time.sleep(0.01)
+
+
+def lock_is_free(path):
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+
+
 def test_a_resumed_seeded_search_draws_new_points(tmp_path, data_dir, monkeypatch):
     args = ["--sampler", "random", "--sampler-seed", "0", "--space", "lr=1e-3:0.1:log",
             "hidden_size=4:16"]
@@ -462,7 +483,7 @@ def test_a_live_trial_in_another_pid_namespace_is_left_alone(tmp_path, data_dir)
     first = start(tmp_path / "a", data_dir, *args, prefix=prefix, log=tmp_path / "a.log")
     try:
         wait_for(lambda: running_trials(journal), "the long trial to start")
-        os.killpg(first.pid, signal.SIGSTOP)  # alive, holding its trial, but not moving
+        stop_outside_locks(first.pid, journal)  # alive, holding its trial, but not moving
         printed = run(tmp_path / "b", data_dir, *args)
     finally:
         os.killpg(first.pid, signal.SIGCONT)
