@@ -31,6 +31,12 @@ How workers share a study (for maintainers)
   <journal>.torn before the next append, under the journal's own write lock.
 - Seeds: each trial's sampler seed derives from (--sampler-seed, worker, trials in the
   study), so a resumed or parallel seeded search draws new points, reproducibly.
+- Signals: the first SIGINT, SIGTERM or SIGHUP raises cli.Stopped in the main thread; the
+  parent passes it on to its workers. A relay thread re-sends to the main thread a signal
+  that landed on another thread (CPython may not look at it for seconds), and SIGTERM when
+  the parent is gone. A flag checked every epoch covers an exception CPython dropped.
+- Folders: the parent holds --out-dir (cli.folder_lock); its trials.json names the one
+  study whose trial folders it holds.
 """
 import argparse
 import contextlib
@@ -68,7 +74,7 @@ DEFAULT_PRESET = "fast"
 # decay), small enough for an afternoon; lr_decay joins when the schedule is `step`.
 DEFAULT_SPACE = ["lr=0.01,0.05", "hidden_size=256,512", "reg=1e-4,1e-3", "activation=relu,tanh"]
 DEFAULT_DECAYS = "lr_decay=0.9,0.95"
-LOCAL_KEYS = ("data_dir", "save_dir")  # may differ between machines; never searched
+LOCAL_KEYS = train.LOCAL_KEYS  # may differ between machines and runs; never searched
 TRAIN_OPTIONS = {k: v for k, v in cfg.DEFAULT_CONFIG.items() if k != "save_dir"}
 BLAS_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -558,6 +558,30 @@ def test_a_full_disk_leaves_the_trial_to_run_again(tmp_path, data_dir, monkeypat
     assert trials[-1].user_attrs["folder"] == 0  # the rerun went on in trial_0/
 
 
+def test_a_really_full_disk_leaves_the_trial_to_run_again(tmp_path, data_dir):
+    """The same on a tiny tmpfs (as root): the trial's state file does not fit."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root to mount a tmpfs")
+    disk, journal = tmp_path / "disk", str(tmp_path / "study.journal")
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        args = ["--space", "lr=0.05,0.02", "--hidden-size", "8", "--storage", journal]
+        done = subprocess.run(command(disk / "out", data_dir, *args), capture_output=True,
+                              text=True, env=environment(), timeout=120)
+        assert done.returncode == 1 and "No space left on device" in done.stderr, done.stderr
+        first = load_trials(journal)[0]
+        assert ht.interrupted(first) and "No space left" in first.user_attrs["failure"]
+        subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)
+        run(disk / "out", data_dir, *args)
+        assert_grid_once(load_trials(journal), ["lr=0.05,0.02"])
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
 def test_a_second_study_in_the_same_out_dir_is_refused(tmp_path, data_dir, monkeypatch):
     out = tmp_path / "out"
     search(out, data_dir, "--space", "lr=0.05", "--study-name", "a", monkeypatch=monkeypatch)
