@@ -700,6 +700,7 @@ DASHBOARD_STUDY = "dashboard-check"
 @pytest.fixture(scope="module")
 def dashboard(tmp_path_factory, data_dir):
     """optuna-dashboard on 127.0.0.1, serving the default journal of a short search."""
+    assert shutil.which("optuna-dashboard"), "optuna-dashboard is missing: see requirements.txt"
     out = tmp_path_factory.mktemp("dashboard") / "out"
     run(out, data_dir, "--space", "lr=0.05,0.02", "--study-name", DASHBOARD_STUDY)
     url = f"http://127.0.0.1:{_free_port()}"
