@@ -171,3 +171,39 @@ def write_json(path, obj):
     with atomic_write(path, "w") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
+
+
+# --- hostile input: text shown to the user, files opened for reading (issue 12) ---------------
+import errno  # noqa: E402  (kept in this block to ease merging)
+import stat  # noqa: E402
+
+
+def shown(text):
+    """`text` (a str, bytes or path) safe to print: control and other non-printable characters
+    escaped as `repr` writes them, ordinary Unicode kept. For names and paths read from files."""
+    text = os.fsdecode(text) if isinstance(text, (bytes, os.PathLike)) else str(text)
+    return text if text.isprintable() else "".join(
+        c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def open_regular(path, max_bytes=None):
+    """Open `path` for binary reading only if it is a regular file (of at most `max_bytes`).
+
+    A FIFO, a device or a folder would block or never end; the O_NONBLOCK open and the fstat
+    of the opened descriptor leave no window for a swap. Raises OSError naming what is wrong.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = ("a folder" if stat.S_ISDIR(info.st_mode) else "a FIFO"
+                    if stat.S_ISFIFO(info.st_mode) else "a device or other special file")
+            raise OSError(errno.EINVAL, f"not a regular file but {kind}", os.fspath(path))
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise OSError(errno.EFBIG, f"{info.st_size} bytes, more than the {max_bytes} "
+                          f"it may hold", os.fspath(path))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
