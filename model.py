@@ -225,28 +225,105 @@ def save_checkpoint(path, net, mean, std, class_names, config, **extra):
 def load_checkpoint(path):
     """Load (net, meta) from `path`; meta holds mean, std, class_names, config and extras."""
     try:
-        # Our own open file: np.load leaves its own open when the archive is bad. A crafted
-        # file can make NumPy warn; the error below says all, in one line.
-        with open(path, "rb") as f, warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            archive = np.load(f, allow_pickle=False)
-            if not isinstance(archive, np.lib.npyio.NpzFile):
-                raise CheckpointError(f"{path} holds a single array, not a checkpoint")
-            with archive:
-                arrays = {name: archive[name] for name in archive.files}
-    except CheckpointError:
-        raise
+        arrays = read_archive(path, CHECKPOINT_MEMBERS, "checkpoint", CheckpointError)
     except FileNotFoundError:
-        raise CheckpointError(f"no model at {path}: train one first with `python train.py`")
-    except Exception as exc:  # zipfile, pickle refusal, truncation, format errors alike
-        raise CheckpointError(f"{path} is not a readable checkpoint ({exc})") from None
+        raise CheckpointError(f"no model at {cli.shown(path)}: train one first with "
+                              f"`python train.py`") from None
     return _checkpoint_from_arrays(path, arrays)
+
+
+# --- reading .npz archives without trusting them ---------------------------------------------
+import math  # noqa: E402  (kept in the checkpoint section to ease merging)
+import zipfile  # noqa: E402
+
+import cli  # noqa: E402
+
+Member = namedtuple("Member", "kinds max_bytes")
+Member.__doc__ = """What an archive member may be: its dtype kinds (e.g. "f", "iu", "U") and the
+largest size of its data in bytes."""
+
+NPY_HEADER_BYTES = 4096  # the largest .npy header accepted (NumPy writes 128 bytes)
+MAX_WEIGHT_BYTES = 1 << 27  # 128 MiB: a 4096 x 4096 float64 or a 5792 x 5792 float32 matrix
+MAX_VECTOR_BYTES = 1 << 20  # a bias, mean or std: up to 131,072 float64 values
+MAX_META_BYTES = 1 << 22  # the JSON string, 4 bytes a character: 1 Mi characters
+
+CHECKPOINT_MEMBERS = {
+    **{k: Member("f", MAX_WEIGHT_BYTES if k[0] == "w" else MAX_VECTOR_BYTES) for k in PARAM_NAMES},
+    "mean": Member("f", MAX_VECTOR_BYTES), "std": Member("f", MAX_VECTOR_BYTES),
+    "meta": Member("U", MAX_META_BYTES)}
+
+
+def read_archive(path, members, what="archive", error=Error):
+    """The arrays of the .npz archive at `path`, as {name: array}, read without trusting it.
+
+    `members` maps each name the archive may hold to its Member(kinds, max_bytes). Unknown,
+    duplicate, object, structured or Fortran-ordered members and any member larger than its
+    max_bytes are refused before they are decompressed, and reads are bounded whatever the
+    headers say. Missing members are the caller's to check. A missing file raises
+    FileNotFoundError; any other failure raises `error`: "<path> is not a readable <what> (why)".
+    """
+    try:
+        # A crafted header can make NumPy warn; the error below says all, in one line.
+        with cli.open_regular(path) as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if f.read(len(np.lib.format.MAGIC_PREFIX)) == np.lib.format.MAGIC_PREFIX:
+                raise ValueError("it holds a single array, not an .npz archive")
+            return _read_zip(f, members)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # refusals, truncation, bad zip or .npy headers alike
+        raise error(f"{cli.shown(path)} is not a readable {what} ({cli.shown(exc)})") from None
+
+
+def _read_zip(f, members):
+    """The checked arrays of the zip archive in open file `f` (see `read_archive`)."""
+    with zipfile.ZipFile(f) as archive:
+        infos = archive.infolist()
+        names = [info.filename.removesuffix(".npy") for info in infos]
+        unknown = sorted({n for n in names if n not in members})
+        if unknown:
+            raise ValueError(f"unknown members {', '.join(unknown):.200}")
+        if len(set(names)) != len(names):
+            raise ValueError("a member stored twice")
+        for name, info in zip(names, infos):
+            if info.file_size > members[name].max_bytes + NPY_HEADER_BYTES:
+                raise ValueError(f"member {name} declares {info.file_size} bytes, more than "
+                                 f"the {members[name].max_bytes} it may hold")
+        arrays = {}
+        for name, info in zip(names, infos):
+            with archive.open(info) as stream:
+                arrays[name] = _read_npy(stream, name, members[name])
+        return arrays
+
+
+def _read_npy(stream, name, member):
+    """One .npy array from `stream`, refused (ValueError) unless its header matches `member`;
+    reads at most the bytes its shape needs, plus one to notice more."""
+    version = np.lib.format.read_magic(stream)
+    readers = {(1, 0): np.lib.format.read_array_header_1_0,
+               (2, 0): np.lib.format.read_array_header_2_0}
+    if version not in readers:
+        raise ValueError(f"member {name} is in .npy format {version}, not 1.0 or 2.0")
+    shape, fortran, dtype = readers[version](stream, max_header_size=NPY_HEADER_BYTES)
+    if dtype.kind not in member.kinds or dtype.hasobject or dtype.fields or dtype.subdtype:
+        raise ValueError(f"member {name} has dtype {dtype}, not of the kinds {member.kinds!r}")
+    if fortran:
+        raise ValueError(f"member {name} is stored in Fortran order")
+    size = math.prod(shape) * dtype.itemsize
+    if size > member.max_bytes:
+        raise ValueError(f"member {name} has shape {shape}: {size} bytes, more than the "
+                         f"{member.max_bytes} it may hold")
+    data = stream.read(size + 1)
+    if len(data) != size:
+        raise ValueError(f"member {name} holds {'more' if len(data) > size else 'less'} data "
+                         f"than its shape {shape} needs")
+    return np.frombuffer(bytearray(data), dtype).reshape(shape)
 
 
 def _checkpoint_from_arrays(path, arrays):
     def need(ok, what):
         if not ok:
-            raise CheckpointError(f"{path} is not a valid checkpoint: {what}")
+            raise CheckpointError(f"{cli.shown(path)} is not a valid checkpoint: {what}")
 
     missing = [k for k in (*PARAM_NAMES, "mean", "std", "meta") if k not in arrays]
     need(not missing, f"missing {', '.join(missing)}")
@@ -257,7 +334,8 @@ def _checkpoint_from_arrays(path, arrays):
         meta = json.loads(str(arrays["meta"][()]))
         activation, class_names = meta["activation"], meta["class_names"]
     except (ValueError, KeyError, TypeError, IndexError, RecursionError) as exc:
-        raise CheckpointError(f"{path} is not a valid checkpoint: bad metadata ({exc})") from None
+        raise CheckpointError(f"{cli.shown(path)} is not a valid checkpoint: bad metadata "
+                              f"({cli.shown(exc)})") from None
     need(isinstance(activation, str) and activation in ACTIVATIONS,
          f"unknown activation {activation!r}")
     need(isinstance(class_names, list) and all(isinstance(n, str) for n in class_names),
