@@ -11,7 +11,7 @@ import os
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 import cli
 import model
@@ -20,42 +20,66 @@ import utils
 METRICS_JSON = "test_metrics.json"
 
 
+# Raster formats only: Pillow would hand EPS and PS files to Ghostscript.
+FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")
+
+
 def load_image(path):
     """A picture file as one CIFAR-layout uint8 vector (R, G, B planes of 32x32).
 
     The picture is centre-cropped to a square, then resized, so shapes are not
-    squashed; transparent areas become white.
+    squashed; transparent areas become white. Only regular files in FORMATS are read.
     """
     try:
         with warnings.catch_warnings():
             # Past PIL's pixel limit an image is refused, not decoded after a warning.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = _open_image(path)
+    except UnidentifiedImageError:
+        raise cli.Error(f"cannot read image {cli.shown(path)}: not a picture in one of the "
+                        f"formats {', '.join(FORMATS)}") from None
     except (OSError, ValueError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as exc:
-        # UnidentifiedImageError and truncated files are OSErrors too.
+        # Truncated files are OSErrors too.
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-        raise cli.Error(f"cannot read image {path}: {reason}") from None
+        raise cli.Error(f"cannot read image {cli.shown(path)}: {cli.shown(reason)}") from None
     return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).reshape(-1)
 
 
 def _open_image(path):
     """The picture at `path` as a 32x32 RGB image (see `load_image`)."""
-    with Image.open(path) as img:
+    with cli.open_regular(path) as f, Image.open(f, formats=FORMATS) as img:
         img = ImageOps.exif_transpose(img)  # phone photos store their rotation in EXIF
-        if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
-            rgba = img.convert("RGBA")
-            img = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
-        return ImageOps.fit(img.convert("RGB"), utils.IMAGE_SHAPE[1:], Image.Resampling.LANCZOS)
+        return ImageOps.fit(to_rgb(img), utils.IMAGE_SHAPE[1:], Image.Resampling.LANCZOS)
+
+
+def to_rgb(img):
+    """`img`, of any mode, as 8-bit RGB; transparent areas become white.
+
+    Integer greys of 16 bits (I;16...) and 32 bits (I, as Pillow opens most 16-bit files)
+    are divided by 257, so 65535 is white; float greys (F) are taken to lie in [0, 1] and
+    multiplied by 255. Values outside the range are clipped, NaN becomes black, and the
+    transparency of such greys is ignored.
+    """
+    if img.mode == "F" or img.mode.startswith("I"):
+        grey = np.asarray(img, dtype=np.float32)
+        grey = grey * 255 if img.mode == "F" else grey / 257
+        grey = np.clip(np.nan_to_num(np.rint(grey)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+    return img.convert("RGB")
 
 
 def classify_images(net, meta, paths, top=3):
     """Print the `top` most likely classes of each picture with their probabilities."""
     images = np.stack([load_image(path) for path in paths])
     probs = utils.predict_proba(net, images, meta["mean"], meta["std"])
+    names = [cli.shown(name) for name in meta["class_names"]]
     for path, p in zip(paths, probs):
         best = np.argsort(p)[::-1][:top]
-        print(f"{path}: " + ", ".join(f"{meta['class_names'][k]} {p[k]:.3f}" for k in best))
+        print(f"{cli.shown(path)}: " + ", ".join(f"{names[k]} {p[k]:.3f}" for k in best))
 
 
 def evaluation_metrics(labels, predictions, class_names):
@@ -71,14 +95,15 @@ def evaluation_metrics(labels, predictions, class_names):
 
 
 def format_table(metrics):
-    """The per-class figures as an aligned text table."""
-    width = max(len("class"), *(len(name) for name in metrics["per_class"]))
-    lines = [f"{'class':<{width}}  accuracy  precision  recall  support"]
+    """The per-class figures as an aligned text table (class names escaped for the terminal)."""
+    names = {name: cli.shown(name) for name in metrics["per_class"]}
+    width = max(len("class"), *(len(name) for name in names.values()))
+    lines = [f"{'class':<{width}}  accuracy  precision  support"]
     for name, m in metrics["per_class"].items():
-        lines.append(f"{name:<{width}}  {m['accuracy']:8.4f}  {m['precision']:9.4f}  "
-                     f"{m['recall']:6.4f}  {m['support']:7d}")
-    lines.append("(accuracy is one-vs-rest: (TP+TN)/N; recall is the share of the class's "
-                 "images labelled correctly)")
+        lines.append(f"{names[name]:<{width}}  {m['accuracy']:8.4f}  {m['precision']:9.4f}  "
+                     f"{m['support']:7d}")
+    lines.append("(accuracy: the share of the class's images labelled correctly, i.e. recall; "
+                 "precision: the share of the images labelled as the class that belong to it)")
     return "\n".join(lines)
 
 
@@ -96,7 +121,7 @@ def main(argv=None):
     net, meta = model.load_checkpoint(args.model)
     if args.image:
         if net.input_size != utils.INPUT_SIZE:
-            raise cli.Error(f"{args.model} takes {net.input_size} inputs per image, not "
+            raise cli.Error(f"{cli.shown(args.model)} takes {net.input_size} inputs per image, not "
                             f"{utils.INPUT_SIZE} (32x32 RGB)")
         classify_images(net, meta, args.image)
         return 0
@@ -114,7 +139,7 @@ def main(argv=None):
     utils.plot_confusion(metrics["confusion"], meta["class_names"], paths[0])
     utils.plot_misclassified(images, labels, predictions, meta["class_names"], paths[1])
     cli.write_json(paths[2], metrics)
-    print("wrote " + ", ".join(paths))
+    print("wrote " + ", ".join(map(cli.shown, paths)))
     return 0
 
 
