@@ -22,6 +22,10 @@ METRICS_JSON = "test_metrics.json"
 
 # Raster formats only: Pillow would hand EPS and PS files to Ghostscript.
 FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")
+MAX_PIXELS = 50_000_000  # a 48-megapixel photo fits
+WORKING_SIDE = 128  # a bigger picture is shrunk to about this short side before conversion
+AVERAGED_MODES = {"L", "LA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "I", "F",  # not P or 1
+                  "I;16", "I;16L", "I;16B", "I;16N"}
 
 
 def load_image(path):
@@ -47,9 +51,22 @@ def load_image(path):
 
 
 def _open_image(path):
-    """The picture at `path` as a 32x32 RGB image (see `load_image`)."""
+    """The picture at `path` as a 32x32 RGB image (see `load_image`).
+
+    A big picture is shrunk to about WORKING_SIDE pixels (JPEG while it is decoded) before
+    any conversion, so memory stays near one decoded copy of at most MAX_PIXELS pixels.
+    """
     with cli.open_regular(path) as f, Image.open(f, formats=FORMATS) as img:
-        img = ImageOps.exif_transpose(img)  # phone photos store their rotation in EXIF
+        if img.width * img.height > MAX_PIXELS:
+            raise ValueError(f"{img.width}x{img.height} pixels, more than the {MAX_PIXELS} "
+                             f"this reads")
+        img.draft(img.mode, (WORKING_SIDE, WORKING_SIDE))  # JPEG: decode at 1/2 to 1/8
+        ImageOps.exif_transpose(img, in_place=True)  # phone photos store their rotation in EXIF
+        factor = min(img.size) // WORKING_SIDE
+        if factor >= 2 and img.mode in AVERAGED_MODES:
+            # Premultiplied alpha averages transparent pixels correctly; I;16 cannot be reduced.
+            img = img.convert({"RGBA": "RGBa"}.get(img.mode, "I" if img.mode.startswith("I;16")
+                                                   else img.mode)).reduce(factor)
         return ImageOps.fit(to_rgb(img), utils.IMAGE_SHAPE[1:], Image.Resampling.LANCZOS)
 
 
@@ -62,10 +79,10 @@ def to_rgb(img):
     transparency of such greys is ignored.
     """
     if img.mode == "F" or img.mode.startswith("I"):
-        grey = np.asarray(img, dtype=np.float32)
-        grey = grey * 255 if img.mode == "F" else grey / 257
-        grey = np.clip(np.nan_to_num(np.rint(grey)), 0, 255).astype(np.uint8)
-        return Image.fromarray(grey, "L").convert("RGB")
+        grey = np.array(img, dtype=np.float32)  # a copy, then scaled in place
+        grey *= np.float32(255 if img.mode == "F" else 1 / 257)
+        np.clip(np.nan_to_num(np.rint(grey, out=grey), copy=False), 0, 255, out=grey)
+        return Image.fromarray(grey.astype(np.uint8), "L").convert("RGB")
     if img.mode in ("RGBA", "LA", "PA", "RGBa") or "transparency" in img.info:
         rgba = img.convert("RGBA")
         img = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)

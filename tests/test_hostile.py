@@ -62,7 +62,9 @@ def run_script(script, *args, timeout=60):
 # A child that calls one loader and prints {"error": message or null, "maxrss_mb": peak}.
 MEASURED = """
 import json, sys
+sys.path.insert(0, "tests")
 import cli, data_loader, model
+from conftest import load_script
 call = {call}
 try:
     call(*sys.argv[1:])
@@ -546,6 +548,17 @@ def test_huge_dimensions_in_a_header_are_refused(tmp_path):
         evaluate.load_image(path)
 
 
+def test_big_pictures_are_shrunk_before_conversion(tmp_path):
+    """Past the list: a 200 KB 16-bit PNG of 49 megapixels took 1.1 GB before the fix."""
+    path = tmp_path / "big16.png"
+    Image.fromarray(np.full((7000, 7000), 30000, np.uint16)).save(path, compress_level=1)
+    report = measured("load_script('test').load_image", path)
+    assert report["error"] is None and report["maxrss_mb"] < 450, report
+    path.write_bytes(png_header(8000, 8000))
+    with pytest.raises(cli.Error, match="more than the 50000000"):
+        evaluate.load_image(path)
+
+
 # --- 9: FIFOs, devices, folders ---------------------------------------------------------------
 
 
@@ -556,8 +569,11 @@ def test_fifos_devices_and_folders_are_refused_not_waited_on(tmp_path, ckpt):
     for bad in (fifo, tmp_path / "zero.npy", tmp_path):
         result = run_script("test.py", "--model", bad, "--image", "x.png", timeout=20)
         assert_one_error_line(result, "not a regular file")
-        result = run_script("test.py", "--model", ckpt, "--image", bad, timeout=20)
-        assert_one_error_line(result, "not a regular file")
+    result = run_script("test.py", "--model", ckpt, "--image", fifo, timeout=20)
+    assert_one_error_line(result, "not a regular file but a FIFO")
+    for bad in (tmp_path / "zero.npy", tmp_path):
+        with pytest.raises(cli.Error, match="not a regular file"):
+            evaluate.load_image(bad)
     make_cifar_dir(tmp_path / "data")
     batch = tmp_path / "data" / "cifar-10-batches-py" / "data_batch_1"
     batch.unlink()
