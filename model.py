@@ -242,6 +242,7 @@ Member = namedtuple("Member", "kinds max_bytes")
 Member.__doc__ = """What an archive member may be: its dtype kinds (e.g. "f", "iu", "U") and the
 largest size of its data in bytes."""
 
+CENTRAL_BYTES_PER_MEMBER = 1024  # a member's zip directory entry (NumPy's take about 80)
 NPY_HEADER_BYTES = 4096  # the largest .npy header accepted (NumPy writes 128 bytes)
 MAX_WEIGHT_BYTES = 1 << 27  # 128 MiB: a 4096 x 4096 float64 or a 5792 x 5792 float32 matrix
 MAX_VECTOR_BYTES = 1 << 20  # a bias, mean or std: up to 131,072 float64 values
@@ -277,6 +278,12 @@ def read_archive(path, members, what="archive", error=Error):
 
 def _read_zip(f, members):
     """The checked arrays of the zip archive in open file `f` (see `read_archive`)."""
+    # zipfile parses the whole central directory into memory (600 bytes an entry): bound it
+    # first, from the end record (a private helper, stable since Python 2).
+    end = zipfile._EndRecData(f)
+    if end is not None and end[zipfile._ECD_SIZE] > CENTRAL_BYTES_PER_MEMBER * len(members):
+        raise ValueError(f"its directory of {end[zipfile._ECD_SIZE]} bytes lists more members "
+                         f"than the {len(members)} it may hold")
     with zipfile.ZipFile(f) as archive:
         infos = archive.infolist()
         names = [info.filename.removesuffix(".npy") for info in infos]

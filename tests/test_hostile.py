@@ -283,6 +283,17 @@ def test_duplicate_members_and_huge_meta_are_refused(tmp_path, ckpt):
         model.load_checkpoint(ckpt)
 
 
+def test_a_zip_directory_of_many_entries_is_refused_before_it_is_parsed(tmp_path):
+    """Past the list: zipfile holds ~600 bytes per directory entry; 300,000 empty entries
+    (26 MB) took 196 MB before this check."""
+    path = tmp_path / "many.npy"
+    with zipfile.ZipFile(path, "w") as zf:
+        for k in range(20_000):
+            zf.writestr(str(k), b"")
+    with pytest.raises(model.CheckpointError, match="lists more members than the 9"):
+        model.load_checkpoint(path)
+
+
 def test_deeply_nested_meta_is_one_clear_error(tmp_path, ckpt):
     nested = npy_bytes(np.array("[" * 100_000 + "]" * 100_000))
     write_zip(ckpt, {**checkpoint_members(ckpt), "meta.npy": nested})
