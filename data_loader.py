@@ -12,6 +12,7 @@ import contextlib
 import errno
 import hashlib
 import io
+import math
 import os
 import pickle
 import shutil
@@ -315,10 +316,11 @@ class _DType:
         self.dtype = np.dtype(_text(name))
 
     def __setstate__(self, state):
-        if not (isinstance(state, tuple) and len(state) == 8 and state[0] == 3
+        """(version 3 or 4, byte order, None, None, None, -1, -1, 0[, None]), as NumPy writes."""
+        if not (isinstance(state, tuple) and len(state) in (8, 9) and state[0] in (3, 4)
                 and _text(state[1]) in _BYTE_ORDERS and state[2:5] == (None, None, None)
-                and state[5] in (-1, self.dtype.itemsize) and state[6] in (-1, self.dtype.alignment)
-                and state[7] == 0):
+                and state[5] in (-1, self.dtype.itemsize)
+                and state[6] in (-1, self.dtype.alignment) and state[7:] in ((0,), (0, None))):
             raise pickle.UnpicklingError(f"a dtype with the state {state!r:.200}")
         if _text(state[1]) in "<>":
             self.dtype = self.dtype.newbyteorder(_text(state[1]))
@@ -343,13 +345,13 @@ class _Array:
             raise pickle.UnpicklingError("an ndarray state that is not (shape, dtype, order, data)")
         shape, dtype, fortran, data = state
         if not (isinstance(shape, tuple) and 1 <= len(shape) <= 2
-                and all(type(n) is int and 0 <= n <= MAX_IMAGES * PIXELS for n in shape)
-                and np.prod(shape, dtype=np.int64) <= MAX_IMAGES * PIXELS):
+                and all(type(n) is int and n >= 0 for n in shape)
+                and math.prod(shape) <= MAX_IMAGES * PIXELS):
             raise pickle.UnpicklingError(f"an array of shape {shape!r:.100}")
-        if not isinstance(dtype, _DType) or fortran is not False:
+        if not isinstance(dtype, _DType) or fortran not in (False, 0):
             raise pickle.UnpicklingError("an array that is not a C-ordered plain integer array")
         if not (isinstance(data, (bytes, bytearray))
-                and len(data) == np.prod(shape, dtype=np.int64) * dtype.dtype.itemsize):
+                and len(data) == math.prod(shape) * dtype.dtype.itemsize):
             raise pickle.UnpicklingError("an array whose data does not match its shape")
         self.array = np.frombuffer(data, dtype.dtype).reshape(shape).copy()
 
@@ -400,7 +402,7 @@ class _BatchUnpickler(pickle.Unpickler):
 
 
 def _unwrap(value):
-    """The array an _Array stand-in holds (None if it was never filled); other values as they are."""
+    """The array an _Array stand-in holds (None if never filled); other values as they are."""
     return value.array if isinstance(value, _Array) else value
 
 

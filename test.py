@@ -24,8 +24,10 @@ METRICS_JSON = "test_metrics.json"
 FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")
 MAX_PIXELS = 50_000_000  # a 48-megapixel photo fits
 WORKING_SIDE = 128  # a bigger picture is shrunk to about this short side before conversion
-AVERAGED_MODES = {"L", "LA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "I", "F",  # not P or 1
-                  "I;16", "I;16L", "I;16B", "I;16N"}
+# The modes a big picture is shrunk in (box averages), keyed by its own mode: alpha is
+# premultiplied so that transparent pixels lend no colour; I;16 cannot be shrunk, I can.
+REDUCED_AS = {**{mode: mode for mode in ("L", "LA", "RGB", "RGBX", "CMYK", "YCbCr", "I", "F")},
+              "RGBA": "RGBa", **dict.fromkeys(("I;16", "I;16L", "I;16B", "I;16N"), "I")}
 
 
 def load_image(path):
@@ -63,10 +65,10 @@ def _open_image(path):
         img.draft(img.mode, (WORKING_SIDE, WORKING_SIDE))  # JPEG: decode at 1/2 to 1/8
         ImageOps.exif_transpose(img, in_place=True)  # phone photos store their rotation in EXIF
         factor = min(img.size) // WORKING_SIDE
-        if factor >= 2 and img.mode in AVERAGED_MODES:
-            # Premultiplied alpha averages transparent pixels correctly; I;16 cannot be reduced.
-            img = img.convert({"RGBA": "RGBa"}.get(img.mode, "I" if img.mode.startswith("I;16")
-                                                   else img.mode)).reduce(factor)
+        if factor >= 2 and img.mode in REDUCED_AS:  # not P or 1: their values are not levels
+            if REDUCED_AS[img.mode] != img.mode:
+                img = img.convert(REDUCED_AS[img.mode])
+            img = img.reduce(factor)
         return ImageOps.fit(to_rgb(img), utils.IMAGE_SHAPE[1:], Image.Resampling.LANCZOS)
 
 

@@ -584,10 +584,10 @@ def png_header(width, height):
 
 
 @pytest.mark.parametrize("content,message", [
-    (b"", "cannot identify image file"),
-    ("folder", "Is a directory"),
-    ("checkpoint", "cannot identify image file"),
-    (b"<svg xmlns='http://www.w3.org/2000/svg'/>", "cannot identify image file"),
+    (b"", "not a picture in one of the formats"),
+    ("folder", "not a regular file but a folder"),
+    ("checkpoint", "not a picture in one of the formats"),
+    (b"<svg xmlns='http://www.w3.org/2000/svg'/>", "not a picture in one of the formats"),
     (png_header(10_000, 10_000), "decompression bomb"),  # above PIL's warning limit
     (png_header(100_000, 100_000), "decompression bomb"),  # above its error limit
     (png_header(0, 0), "cannot"),
