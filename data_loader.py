@@ -54,7 +54,12 @@ MAX_DOWNLOAD_BYTES = 2 * 170_498_071  # twice the official archive
 
 
 class DataError(cli.Error):
-    """CIFAR-10 cannot be obtained or read: a bad file, a failed download, a refused archive."""
+    """CIFAR-10 cannot be obtained or read: a bad file, a failed download, a refused archive.
+
+    The message is escaped for the terminal: the paths, names and URLs it quotes may not be."""
+
+    def __init__(self, message):
+        super().__init__(cli.shown(message))
 
 
 # --- obtaining the data ----------------------------------------------------------------------
@@ -95,13 +100,13 @@ def _is_folder(folder):
     except FileNotFoundError:
         return False
     except OSError as exc:
-        raise DataError(f"cannot open the data folder {cli.shown(folder)}: "
+        raise DataError(f"cannot open the data folder {folder}: "
                         f"{exc.strerror or exc}") from None
     if not stat.S_ISDIR(info.st_mode):
-        raise DataError(f"{cli.shown(folder)} is a file, not a folder: move or delete it (the "
+        raise DataError(f"{folder} is a file, not a folder: move or delete it (the "
                         f"CIFAR-10 batches belong inside a folder of that name)")
     if not os.access(folder, os.R_OK | os.X_OK):
-        raise DataError(f"cannot read the data folder {cli.shown(folder)}: permission denied")
+        raise DataError(f"cannot read the data folder {folder}: permission denied")
     return True
 
 
@@ -180,7 +185,7 @@ def _fetch(url, f, archive, progress):
 
 
 def _too_large(url):
-    return DataError(f"the download from {cli.shown(url)} is larger than {MAX_DOWNLOAD_BYTES} "
+    return DataError(f"the download from {url} is larger than {MAX_DOWNLOAD_BYTES} "
                      f"bytes (twice the CIFAR-10 archive) and was stopped and discarded: it is "
                      f"not the CIFAR-10 python archive")
 
@@ -197,11 +202,11 @@ def extract(archive, data_dir):
         with tarfile.open(archive, "r:gz", tarinfo=_BoundedTarInfo) as tar:
             for count, member in enumerate(tar, 1):  # one pass: check each before it is written
                 if count > MAX_MEMBERS:
-                    raise DataError(f"refused {cli.shown(archive)}: more than {MAX_MEMBERS} "
+                    raise DataError(f"refused {archive}: more than {MAX_MEMBERS} "
                                     f"members, and CIFAR-10 has 9")
                 _check_member(member, tmp, archive)
                 if member.size > MAX_MEMBER_BYTES:  # refused, even skipped, before it is read
-                    raise DataError(f"refused {cli.shown(archive)}: member {member.name!r} has "
+                    raise DataError(f"refused {archive}: member {member.name!r} has "
                                     f"{member.size} bytes, more than the {MAX_MEMBER_BYTES} a "
                                     f"CIFAR-10 file may have (a real batch is 31 MB)")
                 folder, _, name = member.name.rstrip("/").partition("/")
@@ -209,7 +214,7 @@ def extract(archive, data_dir):
                     _copy_member(tar, member, os.path.join(extracted, name), archive)
         for name in TRAIN_FILES + [TEST_FILE]:
             if not os.path.isfile(os.path.join(extracted, name)):
-                raise DataError(f"{cli.shown(archive)} holds no {FOLDER}/{name}: it is not the "
+                raise DataError(f"{archive} holds no {FOLDER}/{name}: it is not the "
                                 f"CIFAR-10 python archive; delete it to download again")
         try:
             os.rename(extracted, target)
@@ -217,7 +222,7 @@ def extract(archive, data_dir):
             if not os.path.isdir(target):  # else a concurrent run put it there first
                 raise
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
-        raise DataError(f"cannot extract {cli.shown(archive)} ({cli.shown(exc)}); delete it to "
+        raise DataError(f"cannot extract {archive} ({exc}); delete it to "
                         f"download again") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -232,7 +237,7 @@ class _BoundedTarInfo(tarfile.TarInfo):
                     tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
         if self.type == tarfile.GNUTYPE_SPARSE or (self.type in extended
                                                    and self.size > MAX_TAR_HEADER_BYTES):
-            raise DataError(f"refused {cli.shown(tarfile_.name)}: a sparse member or an "
+            raise DataError(f"refused {tarfile_.name}: a sparse member or an "
                             f"extended header of {self.size} bytes, which CIFAR-10 does not have")
         return super()._proc_member(tarfile_)
 
@@ -240,7 +245,7 @@ class _BoundedTarInfo(tarfile.TarInfo):
 def _copy_member(tar, member, path, archive):
     """Write one archive member to the new file `path`, counting bytes instead of trusting
     the member's header: more than MAX_MEMBER_BYTES refuses the archive."""
-    refused = DataError(f"refused {cli.shown(archive)}: member {member.name!r} is larger than "
+    refused = DataError(f"refused {archive}: member {member.name!r} is larger than "
                         f"the {MAX_MEMBER_BYTES} bytes a CIFAR-10 file may have (a real batch "
                         f"is 31 MB)")
     written = 0
@@ -272,7 +277,7 @@ def _remove_stale(data_dir):
     try:
         entries = list(os.scandir(data_dir))
     except OSError as exc:
-        raise DataError(f"cannot read the data folder {cli.shown(data_dir)}: "
+        raise DataError(f"cannot read the data folder {data_dir}: "
                         f"{exc.strerror or exc}") from None
     for entry in entries:
         partial = entry.name.startswith(PART_PREFIX) and entry.name.endswith(PART_SUFFIX)
@@ -395,8 +400,8 @@ class _BatchUnpickler(pickle.Unpickler):
 
     def find_class(self, module, name):
         if (module, name) not in _ALLOWED:
-            raise DataError(f"{cli.shown(self.path)} is not a CIFAR-10 batch: it names "
-                            f"{cli.shown(module)}.{cli.shown(name)}, which was refused (a batch "
+            raise DataError(f"{self.path} is not a CIFAR-10 batch: it names "
+                            f"{module}.{name}, which was refused (a batch "
                             f"holds only NumPy arrays and lists)")
         return _ALLOWED[module, name]
 
@@ -419,22 +424,21 @@ def read_batch(path):
     except DataError:
         raise
     except OSError as exc:
-        raise DataError(f"cannot read {cli.shown(path)}: {exc.strerror or exc}; put the CIFAR-10 "
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}; put the CIFAR-10 "
                         f"python batches there or delete its folder to download them "
                         f"again") from None
     except Exception as exc:  # any parse failure or refusal means a damaged or crafted file
-        raise DataError(f"{cli.shown(path)} is damaged or not a CIFAR-10 batch "
-                        f"({type(exc).__name__}: {cli.shown(exc)}); delete its folder to "
+        raise DataError(f"{path} is damaged or not a CIFAR-10 batch "
+                        f"({type(exc).__name__}: {exc}); delete its folder to "
                         f"download again") from None
     if not isinstance(batch, dict):
-        raise DataError(f"{cli.shown(path)} is not a CIFAR-10 batch: it holds a "
+        raise DataError(f"{path} is not a CIFAR-10 batch: it holds a "
                         f"{type(batch).__name__}")
     batch = {_text(k): _unwrap(v) for k, v in batch.items() if isinstance(k, (str, bytes))}
     return _check_batch(path, batch.get("data"), batch.get("labels"))
 
 
 def _check_batch(path, data, labels):
-    path = cli.shown(path)
     if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
             and data.shape[1] == PIXELS and len(data)):
         described = (f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray)

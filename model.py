@@ -206,10 +206,18 @@ class ThreeLayerNN:
 
 
 # --- checkpoints: an .npz archive (any file name), loadable without pickle -------------------
+import math  # noqa: E402  (kept in the checkpoint section to ease merging)
+import zipfile  # noqa: E402
+
+import cli  # noqa: E402
 
 
 class CheckpointError(Error):
-    """A checkpoint that is missing, corrupt, or not one of ours."""
+    """A checkpoint that is missing, corrupt, or not one of ours; the message is escaped for
+    the terminal, as the paths and names it quotes may not be."""
+
+    def __init__(self, message):
+        super().__init__(cli.shown(message))
 
 
 def save_checkpoint(path, net, mean, std, class_names, config, **extra):
@@ -227,16 +235,13 @@ def load_checkpoint(path):
     try:
         arrays = read_archive(path, CHECKPOINT_MEMBERS, "checkpoint", CheckpointError)
     except FileNotFoundError:
-        raise CheckpointError(f"no model at {cli.shown(path)}: train one first with "
+        raise CheckpointError(f"no model at {path}: train one first with "
                               f"`python train.py`") from None
     return _checkpoint_from_arrays(path, arrays)
 
 
 # --- reading .npz archives without trusting them ---------------------------------------------
-import math  # noqa: E402  (kept in the checkpoint section to ease merging)
-import zipfile  # noqa: E402
 
-import cli  # noqa: E402
 
 Member = namedtuple("Member", "kinds max_bytes")
 Member.__doc__ = """What an archive member may be: its dtype kinds (e.g. "f", "iu", "U") and the
@@ -273,7 +278,7 @@ def read_archive(path, members, what="archive", error=Error):
     except FileNotFoundError:
         raise
     except Exception as exc:  # refusals, truncation, bad zip or .npy headers alike
-        raise error(f"{cli.shown(path)} is not a readable {what} ({cli.shown(exc)})") from None
+        raise error(cli.shown(f"{path} is not a readable {what} ({exc})")) from None
 
 
 def _read_zip(f, members):
@@ -330,7 +335,7 @@ def _read_npy(stream, name, member):
 def _checkpoint_from_arrays(path, arrays):
     def need(ok, what):
         if not ok:
-            raise CheckpointError(f"{cli.shown(path)} is not a valid checkpoint: {what}")
+            raise CheckpointError(f"{path} is not a valid checkpoint: {what}")
 
     missing = [k for k in (*PARAM_NAMES, "mean", "std", "meta") if k not in arrays]
     need(not missing, f"missing {', '.join(missing)}")
@@ -341,8 +346,8 @@ def _checkpoint_from_arrays(path, arrays):
         meta = json.loads(str(arrays["meta"][()]))
         activation, class_names = meta["activation"], meta["class_names"]
     except (ValueError, KeyError, TypeError, IndexError, RecursionError) as exc:
-        raise CheckpointError(f"{cli.shown(path)} is not a valid checkpoint: bad metadata "
-                              f"({cli.shown(exc)})") from None
+        raise CheckpointError(f"{path} is not a valid checkpoint: bad metadata "
+                              f"({exc})") from None
     need(isinstance(activation, str) and activation in ACTIVATIONS,
          f"unknown activation {activation!r}")
     need(isinstance(class_names, list) and all(isinstance(n, str) for n in class_names),

@@ -462,9 +462,15 @@ def test_names_and_paths_are_printed_escaped(tmp_path, capsys):
 def test_error_lines_escape_paths(tmp_path):
     image = tmp_path / "bad\n\x1b]0;title\x07.png"
     image.write_bytes(b"not an image")
-    with pytest.raises(cli.Error) as exc_info:
-        evaluate.load_image(image)
-    assert "\x1b" not in str(exc_info.value) and "\n" not in str(exc_info.value)
+    hostile_dir = tmp_path / "d\x1b[31m\n"
+    (hostile_dir / "cifar-10-batches-py").mkdir(parents=True)
+    (hostile_dir / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"\x1b[2J")
+    for load, path in [(evaluate.load_image, image), (model.load_checkpoint, image),
+                       (model.load_checkpoint, hostile_dir / "absent"),
+                       (data_loader.load_data, hostile_dir)]:
+        with pytest.raises(cli.Error) as exc_info:
+            load(path)
+        assert "\x1b" not in str(exc_info.value) and "\n" not in str(exc_info.value)
 
 
 # --- 7, 8: image modes and formats ------------------------------------------------------------
