@@ -621,6 +621,19 @@ def test_non_finite_outputs_are_one_error(tmp_path, change):
     assert "Warning" not in result.stderr and "nan" not in result.stdout
 
 
+def test_a_model_of_another_class_count_is_refused_for_cifar(tmp_path):
+    """Past the list: 100,000 outputs (a 1 MB checkpoint) asked for a confusion matrix of
+    10^10 cells; 20 shows it without the harm."""
+    net = model.ThreeLayerNN(3072, (8, 8), 20, "relu", seed=0)
+    path = tmp_path / "best.npy"
+    model.save_checkpoint(path, net, np.zeros(3072), np.ones(3072), [str(k) for k in range(20)],
+                          {})
+    make_cifar_dir(tmp_path / "data")
+    result = run_script("test.py", "--model", path, "--data-dir", tmp_path / "data",
+                        "--out-dir", tmp_path / "out")
+    assert_one_error_line(result, "20 classes, not the 10 of CIFAR-10")
+
+
 # --- 11: the data folder ----------------------------------------------------------------------
 
 
