@@ -247,6 +247,7 @@ Member = namedtuple("Member", "kinds max_bytes")
 Member.__doc__ = """What an archive member may be: its dtype kinds (e.g. "f", "iu", "U") and the
 largest size of its data in bytes."""
 
+MAX_NAME = 100  # characters in a class name: longer ones break the plots' layout
 CENTRAL_BYTES_PER_MEMBER = 1024  # a member's zip directory entry (NumPy's take about 80)
 NPY_HEADER_BYTES = 4096  # the largest .npy header accepted (NumPy writes 128 bytes)
 MAX_WEIGHT_BYTES = 1 << 27  # 128 MiB: a 4096 x 4096 float64 or a 5792 x 5792 float32 matrix
@@ -350,8 +351,9 @@ def _checkpoint_from_arrays(path, arrays):
                               f"({exc})") from None
     need(isinstance(activation, str) and activation in ACTIVATIONS,
          f"unknown activation {activation!r}")
-    need(isinstance(class_names, list) and all(isinstance(n, str) for n in class_names),
-         "class_names is not a list of names")
+    need(isinstance(class_names, list) and all(isinstance(n, str) and 0 < len(n) <= MAX_NAME
+                                                for n in class_names),
+         f"class_names is not a list of names of 1 to {MAX_NAME} characters")
     need(isinstance(meta.get("config", {}), dict), "config is not a dict")
     params = {k: arrays[k] for k in PARAM_NAMES}
     dtype = params["w1"].dtype

@@ -294,6 +294,13 @@ def test_a_zip_directory_of_many_entries_is_refused_before_it_is_parsed(tmp_path
         model.load_checkpoint(path)
 
 
+def test_class_names_must_be_short(tmp_path):
+    """Past the list: ten names of 90,000 characters made the plots fail with std::bad_alloc."""
+    path = save_model(tmp_path / "best.npy", class_names=["W" * 101] + cfg.CLASS_NAMES[1:])
+    with pytest.raises(model.CheckpointError, match="names of 1 to 100 characters"):
+        model.load_checkpoint(path)
+
+
 def test_deeply_nested_meta_is_one_clear_error(tmp_path, ckpt):
     nested = npy_bytes(np.array("[" * 100_000 + "]" * 100_000))
     write_zip(ckpt, {**checkpoint_members(ckpt), "meta.npy": nested})
