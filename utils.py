@@ -179,13 +179,21 @@ def plot_misclassified(images, labels, predictions, class_names, path, n=32):
 MAX_HISTORY_BYTES = 64 << 20
 
 
+def _is_record(record):
+    """Whether `record` is an epoch record that plot_history can draw."""
+    return (isinstance(record, dict) and type(record.get("epoch")) is int
+            and 0 < record["epoch"] <= 10**6
+            and all(record.get(key) is None or type(record[key]) in (int, float)
+                    for key in ("train_loss", "val_loss", "train_acc", "val_acc", "lr")))
+
+
 def load_history(path):
     """The epoch records (a list of dicts) of a history.json written by train.py."""
     try:
         with cli.open_regular(path, MAX_HISTORY_BYTES) as f:
             records = json.load(f)["epochs"]
-        if not (isinstance(records, list) and all(isinstance(r, dict) for r in records)):
-            raise ValueError("'epochs' is not a list of records")
+        if not (isinstance(records, list) and all(map(_is_record, records))):
+            raise ValueError("'epochs' is not a list of records of numbers, numbered from 1")
         return records
     except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc

@@ -614,6 +614,20 @@ def test_a_fifo_as_history_is_refused(tmp_path, ckpt):
         utils.load_history(tmp_path / "history.json")
 
 
+@pytest.mark.parametrize("content", [
+    '{"epochs": [{"epoch": 1e308, "val_acc": 0.5}]}',  # was a bare ValueError from arange
+    '{"epochs": [{"epoch": 1, "train_loss": "abc"}]}',
+    '{"epochs": [[]]}',
+    '{"epochs": ' + "[" * 100_000 + "]" * 100_000 + "}",
+    b'{"epochs": "\xff"}',
+])
+def test_a_hostile_history_is_one_clear_error(tmp_path, content):
+    path = tmp_path / "history.json"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(cli.Error, match="cannot read training history"):
+        utils.load_history(path)
+
+
 # --- 10: non-finite outputs -------------------------------------------------------------------
 
 
