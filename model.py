@@ -347,8 +347,7 @@ def _checkpoint_from_arrays(path, arrays):
         meta = json.loads(str(arrays["meta"][()]))
         activation, class_names = meta["activation"], meta["class_names"]
     except (ValueError, KeyError, TypeError, IndexError, RecursionError) as exc:
-        raise CheckpointError(f"{path} is not a valid checkpoint: bad metadata "
-                              f"({exc})") from None
+        raise CheckpointError(f"{path} is not a valid checkpoint: bad metadata ({exc})") from None
     need(isinstance(activation, str) and activation in ACTIVATIONS,
          f"unknown activation {activation!r}")
     need(isinstance(class_names, list) and all(isinstance(n, str) and 0 < len(n) <= MAX_NAME
