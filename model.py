@@ -62,7 +62,9 @@ def get_activation(name):
 
 
 def affine_forward(x, w, b):
-    return x @ w + b, (x, w)
+    out = x @ w
+    out += b  # in place: no second (N, H) temporary
+    return out, (x, w)
 
 
 def affine_backward(dout, cache, need_dx=True):
@@ -78,8 +80,10 @@ def activation_forward(z, name):
 
 
 def activation_backward(da, cache):
+    """da * f'(z), computed in da: it is always fresh from the layer above."""
     z, a, name = cache
-    return da * ACTIVATIONS[name].derivative(z, a)
+    da *= ACTIVATIONS[name].derivative(z, a)
+    return da
 
 
 def dropout_forward(a, p, rng):
@@ -163,6 +167,13 @@ class ThreeLayerNN:
     def output_size(self):
         return self.w3.shape[1]
 
+    def flops(self, training=False):
+        """FLOPs per image (2 per multiply-add) of the matrix products: the forward pass, and
+        with `training` the backward pass too (no input gradient at the first layer)."""
+        (d, h1), h2, c = self.w1.shape, self.hidden_size[1], self.output_size
+        macs = d * h1 + h1 * h2 + h2 * c
+        return 2 * macs + (4 * macs - 2 * d * h1 if training else 0)
+
     def forward_pass(self, x, dropout_rng=None):
         """Log-probabilities (N, C) of inputs x (N, D), and the Cache backward_pass needs.
 
@@ -229,21 +240,24 @@ class ThreeLayerNN:
         return float(np.mean(self.predict(x) == y))
 
 
-def log_probabilities(net, images, mean=None, std=None, batch_size=2000):
+def log_probabilities(net, images, prep=None, flip_average=False, batch_size=2000):
     """Log-probabilities (N, C) of many inputs, a batch at a time so that memory stays small.
 
-    uint8 images are normalised with `mean` and `std` first; float inputs are used as given.
+    uint8 images go through `prep` (a data_loader.Preprocessing) first, float inputs are used
+    as given. With `flip_average` each image's probabilities are averaged with its mirror's.
     """
+    def inputs(chunk):
+        return chunk.astype(net.dtype) if prep is None else \
+            data_loader.preprocess(chunk, prep, net.dtype)
+
     out = np.empty((len(images), net.output_size), net.dtype)
-    buffer = np.empty((min(batch_size, len(images)), images.shape[1]), net.dtype)
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
-        x = buffer[:len(chunk)]
-        if mean is None:
-            x[...] = chunk
-        else:
-            data_loader.normalize(chunk, mean, std, out=x)
-        out[start:start + len(chunk)] = net.forward_pass(x)[0]
+        log_probs = net.forward_pass(inputs(chunk))[0]
+        if flip_average:
+            mirrored = net.forward_pass(inputs(data_loader.flip(chunk)))[0]
+            log_probs = np.logaddexp(log_probs, mirrored) - np.log(2, dtype=net.dtype)
+        out[start:start + len(chunk)] = log_probs
     return out
 
 
@@ -323,9 +337,17 @@ def _checkpoint_from_arrays(path, arrays, extra_arrays):
     need(h1 == h1b and h2 == h2b and params["b1"].shape == (h1,) and params["b2"].shape == (h2,)
          and params["b3"].shape == (c,), "layer shapes do not chain")
     need(len(class_names) == c, f"{len(class_names)} class names for {c} outputs")
+    whitening = arrays.get("whitening")
+    pixels = d
+    if whitening is not None:
+        need(isinstance(whitening, np.ndarray) and whitening.dtype == np.float32
+             and whitening.ndim == 2 and whitening.shape[1] == d and np.isfinite(whitening).all(),
+             f"whitening should be finite float32 of shape (pixels, {d})")
+        pixels = whitening.shape[0]
     for k in ("mean", "std"):
-        need(arrays[k].shape == (d,) and arrays[k].dtype == np.float32,
-             f"{k} should be float32 of shape ({d},), got {arrays[k].dtype} {arrays[k].shape}")
+        need(arrays[k].shape == (pixels,) and arrays[k].dtype == np.float32,
+             f"{k} should be float32 of shape ({pixels},), got {arrays[k].dtype} "
+             f"{arrays[k].shape}")
     need(all(np.isfinite(a).all() for a in (*params.values(), arrays["mean"], arrays["std"])),
          "weights or statistics hold NaN or infinity")
     need((arrays["std"] > 0).all(), "std has values <= 0")
@@ -340,5 +362,6 @@ def _checkpoint_from_arrays(path, arrays, extra_arrays):
              and np.isfinite(a).all(), f"{name} is missing, or not finite {dtype} of shape "
                                        f"{tuple(shape)}")
         meta[name] = a
-    meta.update(mean=arrays["mean"], std=arrays["std"], class_names=class_names)
+    meta.update(mean=arrays["mean"], std=arrays["std"], class_names=class_names,
+                prep=data_loader.Preprocessing(arrays["mean"], arrays["std"], whitening))
     return net, meta

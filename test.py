@@ -51,7 +51,7 @@ def _open_image(path):
 def classify_images(net, meta, paths, top=3):
     """Print the `top` most likely classes of each picture with their probabilities."""
     images = np.stack([load_image(path) for path in paths])
-    probs = utils.predict_proba(net, images, meta["mean"], meta["std"])
+    probs = utils.predict_proba(net, meta, images)
     for path, p in zip(paths, probs):
         best = np.argsort(p)[::-1][:top]
         print(f"{path}: " + ", ".join(f"{meta['class_names'][k]} {p[k]:.3f}" for k in best))
@@ -94,15 +94,15 @@ def main(argv=None):
 
     net, meta = model.load_checkpoint(args.model)
     if args.image:
-        if net.input_size != utils.PIXELS:
-            raise cli.Error(f"{args.model} takes {net.input_size} inputs per image, not "
+        if len(meta["mean"]) != utils.PIXELS:
+            raise cli.Error(f"{args.model} takes {len(meta['mean'])} inputs per image, not "
                             f"{utils.PIXELS} (32x32 RGB)")
         classify_images(net, meta, args.image)
         return 0
 
-    images, labels = utils.load_test_set(args.data_dir, net, args.model)
+    images, labels = utils.load_test_set(args.data_dir, net, meta, args.model)
     cli.writable_folder(args.out_dir)
-    probs = utils.predict_proba(net, images, meta["mean"], meta["std"], args.batch_size)
+    probs = utils.predict_proba(net, meta, images, args.batch_size)
     predictions = probs.argmax(axis=1)
     metrics = {"model": args.model, **evaluation_metrics(labels, predictions, meta["class_names"])}
     print(f"Test accuracy: {metrics['accuracy']:.4f}")

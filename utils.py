@@ -30,9 +30,10 @@ MISCLASSIFIED_PNG = "misclassified.png"
 # --- metrics ----------------------------------------------------------------------------------
 
 
-def predict_proba(net, images, mean, std, batch_size=2000):
-    """Class probabilities of uint8 images, normalised batch by batch to bound memory."""
-    return np.exp(model.log_probabilities(net, images, mean, std, batch_size))
+def predict_proba(net, meta, images, batch_size=2000):
+    """Class probabilities of uint8 images, preprocessed as the checkpoint's `meta` says."""
+    return np.exp(model.log_probabilities(net, images, meta["prep"], meta.get("flip_average"),
+                                          batch_size))
 
 
 def confusion_matrix(labels, predictions, n_classes):
@@ -172,11 +173,11 @@ def load_history(path):
         raise cli.Error(f"cannot read training history {path}: {exc}") from None
 
 
-def load_test_set(data_dir, net, model_path):
+def load_test_set(data_dir, net, meta, model_path):
     """The CIFAR-10 test images and labels, refused if they do not fit the network."""
     _, _, images, labels = data_loader.load_data(data_dir)
-    if images.shape[1] != net.input_size:
-        raise cli.Error(f"{model_path} takes {net.input_size} inputs per image but the images "
+    if images.shape[1] != len(meta["mean"]):
+        raise cli.Error(f"{model_path} takes {len(meta['mean'])} inputs per image but the images "
                         f"in {data_dir} have {images.shape[1]}")
     if len(labels) and labels.max() >= net.output_size:
         raise cli.Error(f"{model_path} has {net.output_size} classes but the labels in "
@@ -218,14 +219,15 @@ def main(argv=None):
         plot(*plot_args, os.path.join(out_dir, name))
         print(f"wrote {os.path.join(out_dir, name)}")
 
-    draw(plot_weights, WEIGHTS_PNG, net.w1)
+    whitening = meta["prep"].whitening  # first-layer weights as seen from the pixels
+    draw(plot_weights, WEIGHTS_PNG, net.w1 if whitening is None else whitening @ net.w1)
     history = os.path.join(os.path.dirname(os.path.abspath(args.model)), "history.json")
     if os.path.exists(history):
         draw(plot_history, CURVES_PNG, load_history(history))
     else:
         print(f"no {history}: skipping the training curves")
-    images, labels = load_test_set(args.data_dir, net, args.model)
-    predictions = predict_proba(net, images, meta["mean"], meta["std"], args.batch_size).argmax(1)
+    images, labels = load_test_set(args.data_dir, net, meta, args.model)
+    predictions = predict_proba(net, meta, images, args.batch_size).argmax(1)
     counts = confusion_matrix(labels, predictions, net.output_size)
     draw(plot_confusion, CONFUSION_PNG, counts, meta["class_names"])
     draw(plot_misclassified, MISCLASSIFIED_PNG, images, labels, predictions, meta["class_names"])

@@ -518,7 +518,7 @@ def test_other_scripts_refuse_bad_values_before_any_work(tmp_path, data_dir, cap
         "utils": (["--model", checkpoint, "--data-dir", data_dir, "--out-dir", out_dir],
                   utils.main),
         "benchmark": (["--hidden-size", "8", "--n-images", "20", "--batch-size", "10",
-                       "--epochs", "1", "--no-torch"], benchmark.main),
+                       "--epochs", "1", "--no-torch", "--configs", "report"], benchmark.main),
         "hyperparam_tuning": ([*TINY, "--space", "seed=0", "--data-dir", data_dir,
                                "--out-dir", out_dir], ht.main),
     }[name]
