@@ -7,7 +7,9 @@ the environment variable MLP_DEBUG=1) shows the full traceback instead.
 import argparse
 import contextlib
 import json
+import fcntl
 import os
+import signal
 import sys
 import tempfile
 import traceback
@@ -21,11 +23,21 @@ class UsageError(Error):
     """A bad command-line value found after parsing: exits 2, as argparse's errors do."""
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default in its help, unless the default is nothing (None, False)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse with the project's error format: one `error:` line, exit status 2."""
+    """argparse with the project's error format (one `error:` line, exit 2) and every
+    option's default shown in its help."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
         self.add_argument("--debug", action="store_true",
                           help="show the full traceback on errors (also: MLP_DEBUG=1)")
@@ -44,16 +56,17 @@ def _parse_bool(text):
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def add_config_options(parser, defaults, helps, choices=None):
+def add_config_options(parser, defaults, helps, choices=None, aliases=None):
     """Add one `--key` option per configuration key, typed from its default value.
 
-    Options default to None so that a caller can tell which keys the user set.
+    An option the user does not give is absent from the parsed arguments (see `overrides`),
+    so presets can fill it; `aliases` maps other accepted names to keys.
     """
-    choices = choices or {}
+    choices, aliases = choices or {}, aliases or {}
     for key, default in defaults.items():
-        flag = "--" + key.replace("_", "-")
-        kwargs = dict(default=None, help=f"{helps[key]} (default: {default})",
-                      choices=choices.get(key))
+        flags = ["--" + name.replace("_", "-") for name in [key, *aliases_of(key, aliases)]]
+        kwargs = dict(default=argparse.SUPPRESS, dest=key, choices=choices.get(key),
+                      help=f"{helps[key]} (default: {default})")
         if isinstance(default, bool):
             kwargs.update(type=_parse_bool, metavar="BOOL")
         elif isinstance(default, (list, tuple)):
@@ -62,19 +75,22 @@ def add_config_options(parser, defaults, helps, choices=None):
             kwargs.update(type=str)
         else:
             kwargs.update(type=type(default))
-        parser.add_argument(flag, **kwargs)
-    # The defaults are shown in each help text already.
-    parser.formatter_class = argparse.HelpFormatter
+        parser.add_argument(*flags, **kwargs)
+
+
+def aliases_of(key, aliases):
+    return [alias for alias, target in aliases.items() if target == key]
 
 
 def overrides(args, defaults):
     """The configuration keys the user gave on the command line, as a dict."""
-    return {key: getattr(args, key) for key in defaults if getattr(args, key) is not None}
+    return {key: value for key, value in vars(args).items() if key in defaults}
 
 
 def run(main, argv=None):
     """Call `main(argv)` and turn failures into the project's error lines and exit codes."""
     argv = sys.argv[1:] if argv is None else argv
+    handle_signals()
     debug = "--debug" in argv or os.environ.get("MLP_DEBUG", "") not in ("", "0")
     try:
         code = main(argv)
@@ -83,9 +99,9 @@ def run(main, argv=None):
             traceback.print_exc()
         sys.stderr.write(f"error: {one_line(exc)}\n")
         code = 2 if isinstance(exc, UsageError) else 1
-    except KeyboardInterrupt:
-        sys.stderr.write("error: interrupted\n")
-        code = 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP as Stopped
+        sys.stderr.write(f"error: {exc if isinstance(exc, Stopped) else 'interrupted'}\n")
+        code = 128 + getattr(exc, "signum", signal.SIGINT)
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 1
@@ -171,6 +187,76 @@ def write_json(path, obj):
     with atomic_write(path, "w") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
+
+
+# --- signals and one run per folder -----------------------------------------------------------
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program is, so that it stops as on Ctrl-C."""
+
+    def __init__(self, signum):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def _raise_stopped(signum, frame):
+    raise Stopped(signum)
+
+
+def handle_signals():
+    """Make SIGTERM and SIGHUP (a scheduler, `kill`, a closed terminal) act like Ctrl-C."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _raise_stopped)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Hold back Ctrl-C, SIGTERM and SIGHUP while the block runs (a write that must finish);
+    a signal that came meanwhile is delivered as the block ends."""
+    held = {signal.SIGINT, *STOP_SIGNALS}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+@contextlib.contextmanager
+def folder_lock(folder, what="--save-dir"):
+    """Hold `folder` for this process: another live process holding it is refused at once.
+
+    The lock is an flock on folder/.lock, which the kernel drops when its holder dies,
+    so a killed run never blocks the next one.
+    """
+    writable_folder(folder)
+    path = os.path.join(folder or ".", ".lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise Error(f"{folder} is in use by another run (pid {holder}); wait for it to "
+                        f"finish or choose another {what}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temps(folder, names):
+    """Delete the temporary files that a killed `atomic_write` of `names` left in `folder`.
+
+    Call it only while holding the folder (`folder_lock`): no live writer then owns one.
+    """
+    for entry in os.scandir(folder or "."):
+        if entry.name.endswith(".tmp") and any(entry.name.startswith(f".{name}.")
+                                               for name in names):
+            _remove(entry.path)
 
 
 # --- hostile input: text shown to the user, files opened for reading (issue 12) ---------------

@@ -1,70 +1,71 @@
-"""Defaults, presets and class names; every key is a command-line option of train.py."""
+"""Every training option, declared once: its default, help, choices and valid range.
+
+`DEFAULT_CONFIG`, `HELP` and `CHOICES` are derived from `OPTIONS`; `train.py` turns each key
+into a command-line option, so adding an option is one `Option(...)` line (plus its use).
+"""
 import math
+from collections import namedtuple
 
 from cli import Error
 
-CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer",
-               "dog", "frog", "horse", "ship", "truck"]
+Option = namedtuple("Option", "default help choices range", defaults=(None, None))
+Option.__doc__ = """A training option: `range` is an interval such as "[0, 1)" or "(0, inf)"."""
+
+POSITIVE = "(0, inf)"
+NON_NEGATIVE = "[0, inf)"
+RANGE_WORDS = {POSITIVE: "positive", NON_NEGATIVE: ">= 0"}
 
 # The default is the best recipe measured to finish within 10 minutes on a 2-core CPU
 # (see the README's results table): wide ReLU layers, Nesterov SGD on a one-cycle
 # schedule, L2, label smoothing and cheap flip/shift augmentation. The report's recipe
 # (512x512, plain step decay, no augmentation) is kept as the `report` preset.
-DEFAULT_CONFIG = {
-    "hidden_size": [1024, 1024],
-    "activation": "relu",
-    "epochs": 80,
-    "batch_size": 128,
-    "lr": 0.05,
-    "lr_schedule": "onecycle",
-    "lr_decay": 0.95,
-    "lr_step": 1,
-    "warmup_epochs": 2.0,
-    "momentum": 0.9,
-    "nesterov": True,
-    "reg": 5e-4,
-    "dropout": 0.0,
-    "label_smoothing": 0.1,
-    "flip": True,
-    "translate": 2,
-    "val_size": 5000,
-    "patience": 0,
-    "seed": 0,
-    "dtype": "float32",
-    "data_dir": "data",
-    "save_dir": "results",
+OPTIONS = {
+    "hidden_size": Option([1024, 1024], "sizes of the two hidden layers: one int for both, "
+                          "or two ints"),
+    "activation": Option("relu", "hidden-layer activation (model.ACTIVATIONS)"),
+    "epochs": Option(80, "passes over the training split", range=POSITIVE),
+    "batch_size": Option(128, "images per SGD step", range=POSITIVE),
+    "lr": Option(0.05, "peak learning rate", range=POSITIVE),
+    "lr_schedule": Option("onecycle", "learning-rate schedule after warmup: step (multiply by "
+                          "--lr-decay every --lr-step epochs), cosine, onecycle (linear down to "
+                          "0), constant", ["step", "cosine", "onecycle", "constant"]),
+    "lr_decay": Option(0.95, "factor of the step schedule", range="(0, 1]"),
+    "lr_step": Option(1, "epochs between two steps of the step schedule", range=POSITIVE),
+    "warmup_epochs": Option(2.0, "epochs of linear warmup from 0 to --lr (may be fractional)",
+                            range=NON_NEGATIVE),
+    "momentum": Option(0.9, "SGD momentum (0 for plain SGD)", range="[0, 1)"),
+    "nesterov": Option(True, "use Nesterov momentum"),
+    "reg": Option(5e-4, "L2 strength lambda: the loss adds 0.5*lambda*sum(w**2) over w1, w2, "
+                  "w3 (the optimiser applies it)", range="[0, 1]"),
+    "dropout": Option(0.0, "inverted-dropout probability on both hidden layers (0 = off)",
+                      range="[0, 1)"),
+    "label_smoothing": Option(0.1, "cross-entropy label smoothing epsilon (0 = off)",
+                              range="[0, 1)"),
+    "whiten": Option(0, "PCA-whiten the input: keep this many principal components of the "
+                     "training split, each scaled to unit variance (ZCA up to a rotation); "
+                     "0 = per-pixel standardisation only", range="[0, 3072]"),
+    "whiten_eps": Option(0.1, "whitening damping, as a share of the mean kept eigenvalue",
+                         range=NON_NEGATIVE),
+    "flip_average": Option(False, "predict each validation and test image as the average of "
+                           "it and its mirror image (stored in the checkpoint)"),
+    "flip": Option(True, "random horizontal flips of training images"),
+    "translate": Option(2, "random shifts of training images by up to this many pixels "
+                        "(0 = off)", range="[0, 16]"),
+    "val_size": Option(5000, "training images held out for validation (stratified)",
+                       range=POSITIVE),
+    "patience": Option(0, "stop after this many epochs without a better validation accuracy "
+                       "(0 = never)", range=NON_NEGATIVE),
+    "seed": Option(0, "random seed: the same seed gives the same run", range=f"[0, {2**32})"),
+    "dtype": Option("float32", "floating-point type of the network", ["float32", "float64"]),
+    "data_dir": Option("data", "folder holding (or receiving) CIFAR-10"),
+    "save_dir": Option("results", "folder for best.npy, history.json and the plots"),
 }
 
-HELP = {
-    "hidden_size": "sizes of the two hidden layers: one int for both, or two ints",
-    "activation": "hidden-layer activation",
-    "epochs": "passes over the training split",
-    "batch_size": "images per SGD step",
-    "lr": "peak learning rate",
-    "lr_schedule": "learning-rate schedule after warmup: step (multiply by --lr-decay "
-                   "every --lr-step epochs), cosine, onecycle (linear down to 0), constant",
-    "lr_decay": "factor of the step schedule",
-    "lr_step": "epochs between two steps of the step schedule",
-    "warmup_epochs": "epochs of linear warmup from 0 to --lr (may be fractional)",
-    "momentum": "SGD momentum (0 for plain SGD)",
-    "nesterov": "use Nesterov momentum",
-    "reg": "L2 strength lambda: the loss adds 0.5*lambda*sum(w**2) over w1, w2, w3",
-    "dropout": "inverted-dropout probability on both hidden layers (0 = off)",
-    "label_smoothing": "cross-entropy label smoothing epsilon (0 = off)",
-    "flip": "random horizontal flips of training images",
-    "translate": "random shifts of training images by up to this many pixels (0 = off)",
-    "val_size": "training images held out for validation (stratified)",
-    "patience": "stop after this many epochs without a better validation accuracy (0 = never)",
-    "seed": "random seed: the same seed gives the same run",
-    "dtype": "floating-point type of the network",
-    "data_dir": "folder holding (or receiving) CIFAR-10",
-    "save_dir": "folder for best.npy, history.json and the plots",
-}
-
-CHOICES = {
-    "lr_schedule": ["step", "cosine", "onecycle", "constant"],
-    "dtype": ["float32", "float64"],
-}
+DEFAULT_CONFIG = {key: option.default for key, option in OPTIONS.items()}
+HELP = {key: option.help for key, option in OPTIONS.items()}
+CHOICES = {key: option.choices for key, option in OPTIONS.items() if option.choices}
+# The report's names for two options, accepted wherever options are given.
+ALIASES = {"learning_rate": "lr", "reg_lambda": "reg"}
 
 # Named recipes that override the defaults: `python train.py --preset NAME`.
 PRESETS = {
@@ -87,6 +88,7 @@ def make_config(preset="default", **overrides):
     """The default configuration, updated by a preset and then by explicit overrides."""
     if preset not in PRESETS:
         raise Error(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    overrides = {ALIASES.get(key, key): value for key, value in overrides.items()}
     config = {**DEFAULT_CONFIG, **PRESETS[preset], **overrides}
     unknown = set(config) - set(DEFAULT_CONFIG)
     if unknown:
@@ -98,32 +100,25 @@ def make_config(preset="default", **overrides):
     return config
 
 
+def in_range(value, interval):
+    """Whether `value` lies in an interval written "[low, high)", "(0, inf)" and so on."""
+    low, high = (float(end) for end in interval[1:-1].split(","))
+    above = value >= low if interval[0] == "[" else value > low
+    below = value <= high if interval[-1] == "]" else value < high
+    return above and below
+
+
 def check(config):
     """Refuse values that cannot work, before any work starts."""
-    def need(ok, message):
-        if not ok:
-            raise Error(message)
-
-    for key, value in config.items():  # inf and nan pass the comparisons below
-        need(not isinstance(value, float) or math.isfinite(value),
-             f"--{key.replace('_', '-')} must be a finite number, got {value}")
+    for key, value in config.items():
+        flag, option = "--" + key.replace("_", "-"), OPTIONS[key]
+        if isinstance(value, float) and not math.isfinite(value):  # inf and nan pass ranges
+            raise Error(f"{flag} must be a finite number, got {value}")
+        if option.choices and value not in option.choices:
+            raise Error(f"{flag} must be one of {', '.join(option.choices)}, got {value!r}")
+        if option.range and not in_range(value, option.range):
+            raise Error(f"{flag} must be {RANGE_WORDS.get(option.range, 'in ' + option.range)}, "
+                        f"got {value}")
     hidden = config["hidden_size"]
-    need(len(hidden) == 2 and all(isinstance(h, int) and h > 0 for h in hidden),
-         f"--hidden-size takes one or two positive ints, got {hidden}")
-    for key in ("epochs", "batch_size", "lr_step"):
-        need(config[key] > 0, f"--{key.replace('_', '-')} must be positive, got {config[key]}")
-    need(config["lr"] > 0, f"--lr must be positive, got {config['lr']}")
-    need(0 < config["lr_decay"] <= 1, f"--lr-decay must be in (0, 1], got {config['lr_decay']}")
-    need(config["warmup_epochs"] >= 0, "--warmup-epochs must be >= 0")
-    need(0 <= config["momentum"] < 1, f"--momentum must be in [0, 1), got {config['momentum']}")
-    need(config["reg"] >= 0, f"--reg must be >= 0, got {config['reg']}")
-    need(0 <= config["dropout"] < 1, f"--dropout must be in [0, 1), got {config['dropout']}")
-    need(0 <= config["label_smoothing"] < 1,
-         f"--label-smoothing must be in [0, 1), got {config['label_smoothing']}")
-    need(0 <= config["translate"] <= 16, f"--translate must be in [0, 16], got {config['translate']}")
-    need(config["val_size"] > 0, f"--val-size must be positive, got {config['val_size']}")
-    need(config["patience"] >= 0, "--patience must be >= 0")
-    need(config["seed"] >= 0, f"--seed must be >= 0, got {config['seed']}")
-    for key, options in CHOICES.items():
-        need(config[key] in options, f"--{key.replace('_', '-')} must be one of "
-                                     f"{', '.join(options)}, got {config[key]!r}")
+    if not (len(hidden) == 2 and all(isinstance(h, int) and h > 0 for h in hidden)):
+        raise Error(f"--hidden-size takes one or two positive ints, got {hidden}")

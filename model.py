@@ -9,6 +9,7 @@ from collections import namedtuple
 
 import numpy as np
 
+import data_loader
 from cli import Error, atomic_write
 
 PARAM_NAMES = ("w1", "b1", "w2", "b2", "w3", "b3")
@@ -61,7 +62,9 @@ def get_activation(name):
 
 
 def affine_forward(x, w, b):
-    return x @ w + b, (x, w)
+    out = x @ w
+    out += b  # in place: no second (N, H) temporary
+    return out, (x, w)
 
 
 def affine_backward(dout, cache, need_dx=True):
@@ -77,8 +80,10 @@ def activation_forward(z, name):
 
 
 def activation_backward(da, cache):
+    """da * f'(z), computed in da: it is always fresh from the layer above."""
     z, a, name = cache
-    return da * ACTIVATIONS[name].derivative(z, a)
+    da *= ACTIVATIONS[name].derivative(z, a)
+    return da
 
 
 def dropout_forward(a, p, rng):
@@ -119,9 +124,18 @@ def cross_entropy(log_probs, y, label_smoothing=0.0):
 
 # --- the network ----------------------------------------------------------------------------
 
+# What forward_pass keeps for backward_pass: each layer's own cache, named by layer.
+Cache = namedtuple("Cache", "affine1 act1 drop1 affine2 act2 drop2 affine3")
+
 
 class ThreeLayerNN:
-    """Fully connected network with two hidden layers and a softmax output."""
+    """Fully connected network with two hidden layers and a softmax output.
+
+    Training uses forward_pass and backward_pass; loss_fun, backward, predict and accuracy are
+    the report's public API built on them, and the tests check them against finite
+    differences. L2 lives in the optimiser (optim.SGD), not here: backward_pass returns the
+    gradients of the data loss alone; only the report's loss_fun and backward add it.
+    """
 
     def __init__(self, input_size, hidden_size, output_size, activation="relu", seed=0,
                  dtype=np.float32, dropout=0.0):
@@ -153,31 +167,50 @@ class ThreeLayerNN:
     def output_size(self):
         return self.w3.shape[1]
 
-    def forward_pass(self, x, dropout_rng=None):
-        """Log-probabilities and the caches backward_pass needs; dropout only with an rng."""
-        z1, c1 = affine_forward(x, self.w1, self.b1)
-        a1, ca1 = activation_forward(z1, self.activation)
-        a1, m1 = dropout_forward(a1, self.dropout, dropout_rng)
-        z2, c2 = affine_forward(a1, self.w2, self.b2)
-        a2, ca2 = activation_forward(z2, self.activation)
-        a2, m2 = dropout_forward(a2, self.dropout, dropout_rng)
-        scores, c3 = affine_forward(a2, self.w3, self.b3)
-        return log_softmax(scores), (c1, ca1, m1, c2, ca2, m2, c3)
+    def flops(self, training=False):
+        """FLOPs per image (2 per multiply-add) of the matrix products: the forward pass, and
+        with `training` the backward pass too (no input gradient at the first layer)."""
+        (d, h1), h2, c = self.w1.shape, self.hidden_size[1], self.output_size
+        macs = d * h1 + h1 * h2 + h2 * c
+        return 2 * macs + (4 * macs - 2 * d * h1 if training else 0)
 
-    def backward_pass(self, log_probs, y, cache, reg_lambda=0.0, label_smoothing=0.0):
-        """Gradients of mean cross-entropy + 0.5 * reg_lambda * sum of squared weights."""
-        c1, ca1, m1, c2, ca2, m2, c3 = cache
+    def forward_pass(self, x, dropout_rng=None):
+        """Log-probabilities (N, C) of inputs x (N, D), and the Cache backward_pass needs.
+
+            z1 = x @ w1 + b1        (N, H1)     a1 = f(z1) * m1    (dropout mask m1)
+            z2 = a1 @ w2 + b2       (N, H2)     a2 = f(z2) * m2
+            s  = a2 @ w3 + b3       (N, C)      log p = s - logsumexp(s)
+        Dropout runs only when an rng is given (training); inference passes none.
+        """
+        z1, fc1 = affine_forward(x, self.w1, self.b1)
+        a1, act1 = activation_forward(z1, self.activation)
+        a1, drop1 = dropout_forward(a1, self.dropout, dropout_rng)
+        z2, fc2 = affine_forward(a1, self.w2, self.b2)
+        a2, act2 = activation_forward(z2, self.activation)
+        a2, drop2 = dropout_forward(a2, self.dropout, dropout_rng)
+        scores, fc3 = affine_forward(a2, self.w3, self.b3)
+        return log_softmax(scores), Cache(fc1, act1, drop1, fc2, act2, drop2, fc3)
+
+    def backward_pass(self, log_probs, y, cache, label_smoothing=0.0):
+        """Gradients of the mean (label-smoothed) cross-entropy, the reverse of forward_pass.
+
+            ds  = (softmax(s) - targets) / N                         (N, C)
+            dw3 = a2.T @ ds  (H2, C)   db3 = ds.sum(0)   da2 = ds @ w3.T     (N, H2)
+            dz2 = da2 * m2 * f'(z2)
+            dw2 = a1.T @ dz2 (H1, H2)  db2 = dz2.sum(0)  da1 = dz2 @ w2.T    (N, H1)
+            dz1 = da1 * m1 * f'(z1)
+            dw1 = x.T @ dz1  (D, H1)   db1 = dz1.sum(0)
+        No L2 term: the optimiser adds it (see the class docstring).
+        """
         dscores = cross_entropy_backward(log_probs, y, label_smoothing)
-        da2, dw3, db3 = affine_backward(dscores, c3)
-        dz2 = activation_backward(dropout_backward(da2, m2), ca2)
-        da1, dw2, db2 = affine_backward(dz2, c2)
-        dz1 = activation_backward(dropout_backward(da1, m1), ca1)
-        _, dw1, db1 = affine_backward(dz1, c1, need_dx=False)
-        grads = {"w1": dw1, "b1": db1, "w2": dw2, "b2": db2, "w3": dw3, "b3": db3}
-        if reg_lambda:
-            for name in ("w1", "w2", "w3"):
-                grads[name] += reg_lambda * getattr(self, name)
-        return grads
+        da2, dw3, db3 = affine_backward(dscores, cache.affine3)
+        dz2 = activation_backward(dropout_backward(da2, cache.drop2), cache.act2)
+        da1, dw2, db2 = affine_backward(dz2, cache.affine2)
+        dz1 = activation_backward(dropout_backward(da1, cache.drop1), cache.act1)
+        _, dw1, db1 = affine_backward(dz1, cache.affine1, need_dx=False)
+        return {"w1": dw1, "b1": db1, "w2": dw2, "b2": db2, "w3": dw3, "b3": db3}
+
+    # --- the report's API ---------------------------------------------------------------------
 
     def forward(self, x):
         """Class probabilities, shape (N, output_size)."""
@@ -194,15 +227,38 @@ class ThreeLayerNN:
     def backward(self, x, y, reg_lambda=0.0, label_smoothing=0.0, dropout_rng=None):
         """Gradients of exactly loss_fun, as a dict keyed 'w1' ... 'b3'."""
         log_probs, cache = self.forward_pass(x, dropout_rng)
-        return self.backward_pass(log_probs, y, cache, reg_lambda, label_smoothing)
+        grads = self.backward_pass(log_probs, y, cache, label_smoothing)
+        for name in ("w1", "w2", "w3"):  # d(0.5 * lambda * |w|^2) / dw
+            grads[name] += reg_lambda * getattr(self, name)
+        return grads
 
-    def predict(self, x, batch_size=4096):
-        """Predicted class indices, computed in batches to bound memory."""
-        return np.concatenate([self.forward_pass(np.asarray(x[i:i + batch_size], self.dtype))[0]
-                               .argmax(axis=1) for i in range(0, len(x), batch_size)])
+    def predict(self, x):
+        """Predicted class indices of inputs x (N, D)."""
+        return log_probabilities(self, x).argmax(axis=1)
 
     def accuracy(self, x, y):
         return float(np.mean(self.predict(x) == y))
+
+
+def log_probabilities(net, images, prep=None, flip_average=False, batch_size=2000):
+    """Log-probabilities (N, C) of many inputs, a batch at a time so that memory stays small.
+
+    uint8 images go through `prep` (a data_loader.Preprocessing) first, float inputs are used
+    as given. With `flip_average` each image's probabilities are averaged with its mirror's.
+    """
+    def inputs(chunk):
+        return chunk.astype(net.dtype) if prep is None else \
+            data_loader.preprocess(chunk, prep, net.dtype)
+
+    out = np.empty((len(images), net.output_size), net.dtype)
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        log_probs = net.forward_pass(inputs(chunk))[0]
+        if flip_average:
+            mirrored = net.forward_pass(inputs(data_loader.flip(chunk)))[0]
+            log_probs = np.logaddexp(log_probs, mirrored) - np.log(2, dtype=net.dtype)
+        out[start:start + len(chunk)] = log_probs
+    return out
 
 
 # --- checkpoints: an .npz archive (any file name), loadable without pickle -------------------
@@ -220,24 +276,34 @@ class CheckpointError(Error):
         super().__init__(cli.shown(message))
 
 
-def save_checkpoint(path, net, mean, std, class_names, config, **extra):
-    """Write weights, normalisation, class names and config to `path`, atomically."""
+def save_checkpoint(path, net, mean, std, class_names, config, arrays=None, **extra):
+    """Write weights, normalisation, class names and config to `path`, atomically.
+
+    `arrays` are further named arrays (a resume state's velocities), `extra` further JSON.
+    """
     meta = {"activation": net.activation, "hidden_size": list(net.hidden_size),
             "class_names": list(class_names), "config": config, **extra}
-    arrays = {**net.params, "mean": np.asarray(mean, np.float32),
+    arrays = {**net.params, **(arrays or {}), "mean": np.asarray(mean, np.float32),
               "std": np.asarray(std, np.float32), "meta": np.array(json.dumps(meta))}
     with atomic_write(path) as f:
         np.savez(f, **arrays)
 
 
-def load_checkpoint(path):
-    """Load (net, meta) from `path`; meta holds mean, std, class_names, config and extras."""
+def load_checkpoint(path, extra_arrays=None):
+    """Load (net, meta) from `path`; meta holds mean, std, class_names, config and extras.
+
+    `extra_arrays` maps the names of further arrays to their shapes; they must be there,
+    finite and of the weights' dtype, and are returned in meta.
+    """
     try:
-        arrays = read_archive(path, CHECKPOINT_MEMBERS, "checkpoint", CheckpointError)
+        # The extra arrays have the weights' float type: 8 bytes an element at most.
+        members = {**CHECKPOINT_MEMBERS, **{name: Member("f", 8 * math.prod(shape))
+                                            for name, shape in (extra_arrays or {}).items()}}
+        arrays = read_archive(path, members, "checkpoint", CheckpointError)
     except FileNotFoundError:
         raise CheckpointError(f"no model at {path}: train one first with "
                               f"`python train.py`") from None
-    return _checkpoint_from_arrays(path, arrays)
+    return _checkpoint_from_arrays(path, arrays, extra_arrays or {})
 
 
 # --- reading .npz archives without trusting them ---------------------------------------------
@@ -257,7 +323,7 @@ MAX_META_BYTES = 1 << 22  # the JSON string, 4 bytes a character: 1 Mi character
 CHECKPOINT_MEMBERS = {
     **{k: Member("f", MAX_WEIGHT_BYTES if k[0] == "w" else MAX_VECTOR_BYTES) for k in PARAM_NAMES},
     "mean": Member("f", MAX_VECTOR_BYTES), "std": Member("f", MAX_VECTOR_BYTES),
-    "meta": Member("U", MAX_META_BYTES)}
+    "whitening": Member("f", MAX_WEIGHT_BYTES), "meta": Member("U", MAX_META_BYTES)}
 
 
 def read_archive(path, members, what="archive", error=Error):
@@ -333,7 +399,7 @@ def _read_npy(stream, name, member):
     return np.frombuffer(bytearray(data), dtype).reshape(shape)
 
 
-def _checkpoint_from_arrays(path, arrays):
+def _checkpoint_from_arrays(path, arrays, extra_arrays):
     def need(ok, what):
         if not ok:
             raise CheckpointError(f"{path} is not a valid checkpoint: {what}")
@@ -365,9 +431,17 @@ def _checkpoint_from_arrays(path, arrays):
     need(h1 == h1b and h2 == h2b and params["b1"].shape == (h1,) and params["b2"].shape == (h2,)
          and params["b3"].shape == (c,), "layer shapes do not chain")
     need(len(class_names) == c, f"{len(class_names)} class names for {c} outputs")
+    whitening = arrays.get("whitening")
+    pixels = d
+    if whitening is not None:
+        need(isinstance(whitening, np.ndarray) and whitening.dtype == np.float32
+             and whitening.ndim == 2 and whitening.shape[1] == d and np.isfinite(whitening).all(),
+             f"whitening should be finite float32 of shape (pixels, {d})")
+        pixels = whitening.shape[0]
     for k in ("mean", "std"):
-        need(arrays[k].shape == (d,) and arrays[k].dtype == np.float32,
-             f"{k} should be float32 of shape ({d},), got {arrays[k].dtype} {arrays[k].shape}")
+        need(arrays[k].shape == (pixels,) and arrays[k].dtype == np.float32,
+             f"{k} should be float32 of shape ({pixels},), got {arrays[k].dtype} "
+             f"{arrays[k].shape}")
     need(all(np.isfinite(a).all() for a in (*params.values(), arrays["mean"], arrays["std"])),
          "weights or statistics hold NaN or infinity")
     need((arrays["std"] > 0).all(), "std has values <= 0")
@@ -376,5 +450,12 @@ def _checkpoint_from_arrays(path, arrays):
                        dropout=meta.get("config", {}).get("dropout", 0.0))
     for k, p in params.items():
         setattr(net, k, np.ascontiguousarray(p))
-    meta.update(mean=arrays["mean"], std=arrays["std"], class_names=class_names)
+    for name, shape in extra_arrays.items():
+        a = arrays.get(name)
+        need(isinstance(a, np.ndarray) and a.dtype == dtype and a.shape == tuple(shape)
+             and np.isfinite(a).all(), f"{name} is missing, or not finite {dtype} of shape "
+                                       f"{tuple(shape)}")
+        meta[name] = a
+    meta.update(mean=arrays["mean"], std=arrays["std"], class_names=class_names,
+                prep=data_loader.Preprocessing(arrays["mean"], arrays["std"], whitening))
     return net, meta

@@ -6,7 +6,6 @@
 The checkpoint carries everything needed: architecture, activation, normalisation
 and class names.
 """
-import argparse
 import os
 import warnings
 
@@ -94,7 +93,7 @@ def to_rgb(img):
 def classify_images(net, meta, paths, top=3):
     """Print the `top` most likely classes of each picture with their probabilities."""
     images = np.stack([load_image(path) for path in paths])
-    probs = utils.predict_proba(net, images, meta["mean"], meta["std"])
+    probs = utils.predict_proba(net, meta, images)
     names = [cli.shown(name) for name in meta["class_names"]]
     for path, p in zip(paths, probs):
         best = np.argsort(p)[::-1][:top]
@@ -127,27 +126,27 @@ def format_table(metrics):
 
 
 def main(argv=None):
-    parser = cli.Parser(prog="test.py", formatter_class=argparse.HelpFormatter,
+    parser = cli.Parser(prog="test.py",
                         description="Evaluate a saved model on the CIFAR-10 test set, or "
                         "classify your own pictures with --image.")
     utils.add_model_options(parser, "checkpoint to evaluate")
     parser.add_argument("--out-dir", default="results", help="folder for the confusion matrix, "
-                        "misclassified images and metrics JSON (default: results)")
+                        "misclassified images and metrics JSON")
     parser.add_argument("--image", nargs="+", metavar="PATH", help="classify these pictures "
                         "instead (PNG, JPEG, ...; any size): top three classes each")
     args = utils.parse_model_options(parser, argv)
 
     net, meta = model.load_checkpoint(args.model)
     if args.image:
-        if net.input_size != utils.INPUT_SIZE:
-            raise cli.Error(f"{cli.shown(args.model)} takes {net.input_size} inputs per image, not "
-                            f"{utils.INPUT_SIZE} (32x32 RGB)")
+        if len(meta["mean"]) != utils.PIXELS:
+            raise cli.Error(f"{cli.shown(args.model)} takes {len(meta['mean'])} inputs per "
+                            f"image, not {utils.PIXELS} (32x32 RGB)")
         classify_images(net, meta, args.image)
         return 0
 
-    images, labels = utils.load_test_set(args.data_dir, net, args.model)
+    images, labels = utils.load_test_set(args.data_dir, net, meta, args.model)
     cli.writable_folder(args.out_dir)
-    probs = utils.predict_proba(net, images, meta["mean"], meta["std"], args.batch_size)
+    probs = utils.predict_proba(net, meta, images, args.batch_size)
     predictions = probs.argmax(axis=1)
     metrics = {"model": args.model, **evaluation_metrics(labels, predictions, meta["class_names"])}
     print(f"Test accuracy: {metrics['accuracy']:.4f}")

@@ -3,9 +3,15 @@
     python train.py                      # the default recipe (see config.py)
     python train.py --preset best        # the longer, more accurate recipe
     python train.py --lr 0.02 --hidden-size 512 256 --epochs 5
+    python train.py --preset best --resume   # continue a stopped run from its last epoch
+
+After every epoch the whole run (weights, velocities, random state, history, best so far)
+is saved to <save-dir>/resume_state.npz, so `--resume` continues it exactly where it was.
 """
 import math
 import os
+import shlex
+import sys
 import time
 
 import numpy as np
@@ -15,6 +21,11 @@ import cli
 import config as cfg
 import data_loader
 import model
+import optim
+
+BEST_FILE, HISTORY_FILE, CURVES_FILE = "best.npy", "history.json", "curves.png"
+STATE_FILE = "resume_state.npz"
+LOCAL_KEYS = ("data_dir", "save_dir")  # may differ between a run and its resumption
 
 
 class Diverged(cli.Error):
@@ -37,65 +48,26 @@ def learning_rate(config, t):
     return peak
 
 
-class SGD:
-    """Minibatch SGD with L2 regularisation and optional (Nesterov) momentum, in place.
-
-    The gradient of 0.5 * reg * |w|^2 is added here, and the update runs over cache-sized
-    blocks, so that its few elementwise passes hit the CPU cache instead of memory.
-    """
-
-    BLOCK = 1 << 15  # float32 elements: 128 KB per array, three arrays fit in L2
-
-    def __init__(self, params, momentum=0.0, nesterov=False, reg=0.0,
-                 regularized=("w1", "w2", "w3")):
-        self.momentum, self.nesterov = momentum, nesterov
-        self.reg = {name: reg if name in regularized else 0.0 for name in params}
-        self.velocity = {k: np.zeros_like(p) if momentum else None for k, p in params.items()}
-
-    def step(self, params, grads, lr):
-        for name, p in params.items():
-            # Flat views (parameters, gradients and velocities are contiguous).
-            p, g = p.reshape(-1), grads[name].reshape(-1)
-            v = self.velocity[name]
-            v = None if v is None else v.reshape(-1)
-            for i in range(0, p.size, self.BLOCK):
-                block = slice(i, i + self.BLOCK)
-                self._update(p[block], g[block], None if v is None else v[block], lr,
-                             self.reg[name])
-
-    def _update(self, p, g, v, lr, reg):
-        if reg:
-            g += reg * p
-        g *= lr  # the gradient arrays are fresh each step, so they may be overwritten
-        if v is None:
-            p -= g
-            return
-        v *= self.momentum
-        v -= g
-        if self.nesterov:  # look ahead: p += mu * v_new - lr * g
-            p -= g
-            p += self.momentum * v
-        else:
-            p += v
+def evaluate(net, images, labels, prep, flip_average=False):
+    """Mean cross-entropy and accuracy on uint8 images (no dropout, no smoothing)."""
+    log_probs = model.log_probabilities(net, images, prep, flip_average)
+    return model.cross_entropy(log_probs, labels), float(np.mean(log_probs.argmax(1) == labels))
 
 
-def evaluate(net, images, labels, mean, std, batch_size=2500):
-    """Mean cross-entropy and accuracy on uint8 images, normalised batch by batch."""
-    loss = correct = 0.0
-    buffer = np.empty((min(batch_size, len(images)), images.shape[1]), net.dtype)
-    for i in range(0, len(images), batch_size):
-        chunk = slice(i, i + batch_size)
-        y = labels[chunk]
-        x = data_loader.normalize(images[chunk], mean, std, out=buffer[:len(y)])
-        log_probs, _ = net.forward_pass(x)
-        loss += -log_probs[np.arange(len(y)), y].sum()
-        correct += (log_probs.argmax(axis=1) == y).sum()
-    return float(loss) / len(labels), float(correct) / len(labels)
+def evaluate_flops(net, prep, n_images, flip_average=False):
+    """FLOPs of `evaluate` on `n_images` images."""
+    per_image = net.flops() + data_loader.preprocess_flops(prep)
+    return n_images * per_image * (2 if flip_average else 1)
 
 
 @np.errstate(over="ignore", invalid="ignore")  # divergence is detected and reported below
-def train_epoch(net, optimizer, images, labels, mean, std, config, epoch, rng, progress):
-    """One pass of minibatch SGD over shuffled, augmented images; returns loss, accuracy, lr."""
+def train_epoch(net, optimizer, images, labels, prep, config, epoch, rng, progress):
+    """One pass of minibatch SGD over shuffled, augmented images; returns loss, accuracy, lr
+    and the FLOPs of its matrix products.
+
+    The loss returned is the plain cross-entropy of the batches as they were trained on,
+    comparable to the validation loss: it leaves out label smoothing and L2.
+    """
     batch_size = config["batch_size"]
     steps = len(images) // batch_size  # the last partial batch is dropped; reshuffling covers it
     order = rng.permutation(len(images))
@@ -108,99 +80,182 @@ def train_epoch(net, optimizer, images, labels, mean, std, config, epoch, rng, p
         xb, yb = images[idx], labels[idx]
         if config["flip"] or config["translate"]:
             xb = data_loader.augment(xb, rng, config["flip"], config["translate"])
-        x = data_loader.normalize(xb, mean, std, out=buffer)
+        x = data_loader.preprocess(xb, prep, net.dtype, out=buffer)
         lr = learning_rate(config, epoch - 1 + step / steps)
         log_probs, cache = net.forward_pass(x, rng if config["dropout"] else None)
-        loss = -log_probs[np.arange(batch_size), yb].mean()
+        loss = model.cross_entropy(log_probs, yb)
         if not np.isfinite(loss):
             raise Diverged(f"the loss became {loss} at epoch {epoch}, step {step + 1} "
                            f"(lr {lr:.3g}); try a smaller --lr")
         loss_sum += loss
         correct += (log_probs.argmax(axis=1) == yb).sum()
-        grads = net.backward_pass(log_probs, yb, cache, 0.0, config["label_smoothing"])
-        optimizer.step(net.params, grads, lr)
+        grads = net.backward_pass(log_probs, yb, cache, config["label_smoothing"])
+        optimizer.step(net.params, grads, lr)  # consumes grads
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss_sum / (step + 1):.3f}",
                             acc=f"{correct / ((step + 1) * batch_size):.3f}")
-    return float(loss_sum / steps), float(correct / (steps * batch_size)), lr
+    flops = steps * batch_size * (net.flops(training=True) + data_loader.preprocess_flops(prep))
+    return float(loss_sum / steps), float(correct / (steps * batch_size)), lr, flops
 
 
 def check_fits(config, n_images):
     """Refuse a validation split or a batch that `n_images` training images cannot fill."""
     if not 0 < config["val_size"] < n_images:
-        raise cli.Error(f"--val-size must be between 1 and {n_images - 1} (the number of "
-                        f"training images minus one), got {config['val_size']}")
+        raise cli.UsageError(f"--val-size must be between 1 and {n_images - 1} (the number of "
+                             f"training images minus one), got {config['val_size']}")
     if config["batch_size"] > n_images - config["val_size"]:
-        raise cli.Error(f"--batch-size {config['batch_size']} is larger than the "
-                        f"{n_images - config['val_size']} training images")
+        raise cli.UsageError(f"--batch-size {config['batch_size']} is larger than the "
+                             f"{n_images - config['val_size']} training images")
 
 
-def train(config, data=None, on_epoch=None, progress=True, evaluate_test=False, verbose=None):
-    """Train with `config`; write best.npy, history.json and curves.png to config['save_dir'].
+# --- the state of a run: a checkpoint of the last epoch, plus what continuing it needs -------
 
+
+def new_run():
+    """The progress of a run before its first epoch, as the state file stores it."""
+    return {"epoch": 0, "history": [], "best_acc": -1.0, "best_epoch": 0, "stopped": None,
+            "flops": 0}
+
+
+def save_checkpoint(path, net, prep, config, arrays=None, **extra):
+    """best.npy, or with the optimiser's arrays the run state: all that inference needs."""
+    whitening = {} if prep.whitening is None else {"whitening": prep.whitening}
+    model.save_checkpoint(path, net, prep.mean, prep.std, data_loader.CLASS_NAMES, config,
+                          arrays={**whitening, **(arrays or {})},
+                          flip_average=config["flip_average"], **extra)
+
+
+def save_state(path, net, optimizer, rng, prep, config, run):
+    """Write everything a resumed run needs after an epoch, atomically."""
+    save_checkpoint(path, net, prep, config, optimizer.state(), run=run,
+                    rng=rng.bit_generator.state)
+
+
+def load_state(path, config, net, optimizer, rng):
+    """Put the run saved at `path` into net, optimizer and rng; return its progress record.
+
+    Refuses a state whose configuration differs from `config`, naming the keys.
+    """
+    if not os.path.exists(path):
+        raise cli.Error(f"nothing to resume in {os.path.dirname(path) or '.'}: it holds no "
+                        f"{STATE_FILE}; start the run without --resume")
+    shapes = {name: v.shape for name, v in optimizer.state().items()}
+    saved, meta = model.load_checkpoint(path, extra_arrays=shapes)
+    stored = meta["config"]
+    differ = sorted(k for k in set(stored) | set(config)
+                    if k not in LOCAL_KEYS and stored.get(k) != config.get(k))
+    if differ:
+        raise cli.UsageError(f"--resume: {path} was saved with other options: " + ", ".join(
+            f"--{k.replace('_', '-')} {stored.get(k)} (given {config.get(k)})" for k in differ))
+    run = meta.get("run")
+    try:
+        if not (isinstance(run, dict) and set(new_run()) <= set(run)):
+            raise ValueError(f"no {', '.join(new_run())}")
+        rng.bit_generator.state = meta["rng"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise model.CheckpointError(f"{path} is not a valid run state ({exc})") from None
+    for name, p in net.params.items():
+        p[...] = getattr(saved, name)
+    optimizer.load_state(meta)
+    return run
+
+
+def train(config, data=None, on_epoch=None, progress=True, evaluate_test=False, verbose=None,
+          resume=False):
+    """Train with `config`; write best.npy, history.json, curves.png and the run state to
+    config['save_dir'], which this process holds until it returns (one run per folder).
+
+    `resume` continues the run saved there from its last completed epoch, ending exactly as
+    the uninterrupted run would; a finished run resumed just reports its result.
     `progress` shows a progress bar, `verbose` (by default the same) a line per epoch.
     `on_epoch(record)` runs after each epoch; an exception from it stops training (the best
-    checkpoint is already saved) and propagates. Ctrl-C stops cleanly and keeps the best.
+    checkpoint and the state are already saved) and propagates. Ctrl-C, SIGTERM and SIGHUP
+    stop cleanly: result["stopped"] is then "interrupted" and result["signal"] says which.
     """
     cfg.check(config)
     model.get_activation(config["activation"])
-    images, labels, test_images, test_labels = data or data_loader.load_data(config["data_dir"])
-    check_fits(config, len(images))
-    cli.writable_folder(config["save_dir"])  # an unwritable folder fails now, not after epoch 1
+    data = data or data_loader.load_data(config["data_dir"])
+    check_fits(config, len(data[0]))
+    with cli.folder_lock(config["save_dir"]):
+        cli.remove_stale_temps(config["save_dir"], (BEST_FILE, HISTORY_FILE, CURVES_FILE,
+                                                    STATE_FILE))
+        return _train(config, data, on_epoch, progress, evaluate_test, verbose, resume)
+
+
+def _train(config, data, on_epoch, progress, evaluate_test, verbose, resume):
+    images, labels, test_images, test_labels = data
     x_train, y_train, x_val, y_val = data_loader.split_validation(
         images, labels, config["val_size"], config["seed"])
-    mean, std = data_loader.compute_stats(x_train)
-
-    dtype = np.dtype(config["dtype"])
-    net = model.ThreeLayerNN(x_train.shape[1], config["hidden_size"], len(cfg.CLASS_NAMES),
-                             config["activation"], config["seed"], dtype, config["dropout"])
-    optimizer = SGD(net.params, config["momentum"], config["nesterov"], config["reg"])
+    prep, prep_flops = data_loader.fit_preprocessing(x_train, config["whiten"],
+                                                     config["whiten_eps"])
+    inputs = x_train.shape[1] if prep.whitening is None else prep.whitening.shape[1]
+    net = model.ThreeLayerNN(inputs, config["hidden_size"],
+                             len(data_loader.CLASS_NAMES), config["activation"], config["seed"],
+                             np.dtype(config["dtype"]), config["dropout"])
+    optimizer = optim.SGD(net.params, config["momentum"], config["nesterov"], config["reg"])
     rng = np.random.default_rng(config["seed"])  # shuffling, augmentation and dropout
 
-    save_dir = config["save_dir"]
-    best_path = os.path.join(save_dir, "best.npy")
-    history, best_acc, best_epoch, stopped = [], -1.0, 0, "completed"
+    path = {name: os.path.join(config["save_dir"], name)
+            for name in (BEST_FILE, HISTORY_FILE, CURVES_FILE, STATE_FILE)}
+    run = new_run()
+    run["flops"] = prep_flops
     verbose = progress if verbose is None else verbose
     say = (tqdm.write if progress else print) if verbose else (lambda message: None)
+    if resume:
+        run = load_state(path[STATE_FILE], config, net, optimizer, rng)
+        say(f"resuming {config['save_dir']} after epoch {run['epoch']} of {config['epochs']}")
+    signum = None
     try:
-        for epoch in range(1, config["epochs"] + 1):
+        while not run["stopped"] and run["epoch"] < config["epochs"]:
+            epoch = run["epoch"] + 1
             start = time.perf_counter()
-            train_loss, train_acc, lr = train_epoch(net, optimizer, x_train, y_train, mean, std,
-                                                    config, epoch, rng, progress)
-            val_loss, val_acc = evaluate(net, x_val, y_val, mean, std)
+            train_loss, train_acc, lr, flops = train_epoch(net, optimizer, x_train, y_train,
+                                                           prep, config, epoch, rng, progress)
+            val_loss, val_acc = evaluate(net, x_val, y_val, prep, config["flip_average"])
+            run["flops"] += flops + evaluate_flops(net, prep, len(y_val), config["flip_average"])
             record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
                       "val_loss": val_loss, "val_acc": val_acc, "lr": lr,
-                      "seconds": time.perf_counter() - start}
-            history.append(record)
-            if val_acc > best_acc:
-                best_acc, best_epoch = val_acc, epoch
-                model.save_checkpoint(best_path, net, mean, std, cfg.CLASS_NAMES, config,
-                                      epoch=epoch, val_acc=val_acc)
-            cli.write_json(os.path.join(save_dir, "history.json"),
-                           {"config": config, "epochs": history})
+                      "tflop": run["flops"] / 1e12, "seconds": time.perf_counter() - start}
+            improved = val_acc > run["best_acc"]
+            run["epoch"] = epoch
+            run["history"].append(record)
+            if improved:
+                run["best_acc"], run["best_epoch"] = val_acc, epoch
+            if config["patience"] and epoch - run["best_epoch"] >= config["patience"]:
+                run["stopped"] = "early_stopping"
+            with cli.signals_deferred():  # a signal now waits until the files are complete
+                if improved:
+                    save_checkpoint(path[BEST_FILE], net, prep, config, epoch=epoch,
+                                    val_acc=val_acc)
+                cli.write_json(path[HISTORY_FILE], {"config": config, "training_tflop":
+                                                    run["flops"] / 1e12, "epochs": run["history"]})
+                save_state(path[STATE_FILE], net, optimizer, rng, prep, config, run)
             say(f"epoch {epoch:3d}  train loss {train_loss:.4f} acc {train_acc:.4f}  val loss "
                 f"{val_loss:.4f} acc {val_acc:.4f}  lr {lr:.4g}  {record['seconds']:.1f}s"
-                + ("  *best" if best_epoch == epoch else ""))
+                + ("  *best" if improved else ""))
             if on_epoch:
                 on_epoch(record)
-            if config["patience"] and epoch - best_epoch >= config["patience"]:
-                stopped = "early_stopping"
-                say(f"no better validation accuracy for {config['patience']} epochs: stopping")
-                break
-    except KeyboardInterrupt:
-        stopped = "interrupted"
-        say(f"interrupted: the best checkpoint so far is kept in {best_path}")
-    if history:
+        if run["stopped"] == "early_stopping":
+            say(f"no better validation accuracy for {config['patience']} epochs: stopped")
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", 2)
+        say(f"interrupted: the best checkpoint so far is kept in {path[BEST_FILE]}")
+    if run["history"]:
         import utils  # matplotlib is loaded only when there is something to draw
-        utils.plot_history(history, os.path.join(save_dir, "curves.png"))
+        utils.plot_history(run["history"], path[CURVES_FILE])
 
-    test_acc = None
-    if evaluate_test and best_epoch:
-        best, meta = model.load_checkpoint(best_path)
-        test_acc = evaluate(best, test_images, test_labels, meta["mean"], meta["std"])[1]
-    return {"history": history, "best_val_acc": best_acc, "best_epoch": best_epoch,
-            "epochs_run": len(history), "stopped": stopped, "checkpoint": best_path,
-            "test_acc": test_acc}
+    test_acc = test_acc_single = None
+    if evaluate_test and run["best_epoch"]:
+        best, meta = model.load_checkpoint(path[BEST_FILE])
+        test_acc = evaluate(best, test_images, test_labels, meta["prep"],
+                            meta["flip_average"])[1]
+        if meta["flip_average"]:  # reported with and without it
+            test_acc_single = evaluate(best, test_images, test_labels, meta["prep"])[1]
+    return {"history": run["history"], "best_val_acc": run["best_acc"],
+            "best_epoch": run["best_epoch"], "epochs_run": len(run["history"]),
+            "stopped": "interrupted" if signum else run["stopped"] or "completed",
+            "signal": signum, "checkpoint": path[BEST_FILE], "test_acc": test_acc,
+            "test_acc_without_flip_average": test_acc_single, "tflop": run["flops"] / 1e12}
 
 
 def main(argv):
@@ -208,25 +263,39 @@ def main(argv):
                         "configuration key is an option; the defaults are config.py's.")
     parser.add_argument("--preset", default="default", choices=sorted(cfg.PRESETS),
                         help="a named recipe from config.py, applied before the other options")
+    parser.add_argument("--resume", action="store_true",
+                        help=f"continue the run in --save-dir from its last completed epoch "
+                        f"({STATE_FILE}); give the same options as the run you continue")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bar (epoch lines are still printed)")
     cli.add_config_options(parser, cfg.DEFAULT_CONFIG, cfg.HELP,
-                           {**cfg.CHOICES, "activation": sorted(model.ACTIVATIONS)})
+                           {**cfg.CHOICES, "activation": sorted(model.ACTIVATIONS)}, cfg.ALIASES)
     args = parser.parse_args(argv)
     try:
         config = cfg.make_config(args.preset, **cli.overrides(args, cfg.DEFAULT_CONFIG))
     except cli.Error as exc:
         parser.error(str(exc))
     start = time.perf_counter()
-    result = train(config, progress=not args.no_progress, evaluate_test=True, verbose=True)
+    result = train(config, progress=not args.no_progress, evaluate_test=True, verbose=True,
+                   resume=args.resume)
     minutes = (time.perf_counter() - start) / 60
     if not result["best_epoch"]:
         raise cli.Error("interrupted before the first epoch ended: nothing was saved")
     print(f"Best validation accuracy: {result['best_val_acc']:.4f} (epoch {result['best_epoch']} "
           f"of {result['epochs_run']}, {result['stopped']}, {minutes:.1f} min)")
-    print(f"Saved: {result['checkpoint']}, history.json and curves.png in {config['save_dir']}")
+    print(f"Saved: {result['checkpoint']}, {HISTORY_FILE} and {CURVES_FILE} in "
+          f"{config['save_dir']}")
+    print(f"Training compute: {result['tflop']:.1f} TFLOP")
     print(f"Test accuracy: {result['test_acc']:.4f}")
-    return 130 if result["stopped"] == "interrupted" else 0
+    if result["test_acc_without_flip_average"] is not None:
+        print(f"Test accuracy without flip averaging: "
+              f"{result['test_acc_without_flip_average']:.4f}")
+    if result["signal"]:
+        again = " ".join(shlex.quote(a) for a in ["python", "train.py", *argv] if a != "--resume")
+        sys.stderr.write(f"stopped after epoch {result['epochs_run']} of {config['epochs']}; "
+                         f"continue with: {again} --resume\n")
+        return 128 + result["signal"]
+    return 0
 
 
 if __name__ == "__main__":

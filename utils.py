@@ -6,7 +6,6 @@ Each PNG is written atomically under a fixed name.
 
 `python utils.py --model results/best.npy` redraws every picture for a saved model.
 """
-import argparse
 import json
 import math
 import os
@@ -19,8 +18,7 @@ import cli
 import data_loader
 import model
 
-IMAGE_SHAPE = (3, 32, 32)  # CIFAR-10 stores an image as its R, G and B planes
-INPUT_SIZE = math.prod(IMAGE_SHAPE)
+from data_loader import IMAGE_SHAPE, PIXELS
 
 # The names every script uses, so that the pictures of a run are easy to find.
 CURVES_PNG = "curves.png"
@@ -32,17 +30,13 @@ MISCLASSIFIED_PNG = "misclassified.png"
 # --- metrics ----------------------------------------------------------------------------------
 
 
-def predict_proba(net, images, mean, std, batch_size=2000):
-    """Class probabilities of uint8 images, normalised batch by batch to bound memory.
+def predict_proba(net, meta, images, batch_size=2000):
+    """Class probabilities of uint8 images, preprocessed as the checkpoint's `meta` says.
 
     Refuses outputs that are not finite (a checkpoint with extreme weights or statistics)."""
-    buffer = np.empty((min(batch_size, len(images)), images.shape[1]), net.dtype)
-    probs = np.empty((len(images), net.output_size), net.dtype)
     with np.errstate(all="ignore"):  # overflow is reported below, in one line
-        for start in range(0, len(images), batch_size):
-            chunk = images[start:start + batch_size]
-            x = data_loader.normalize(chunk, mean, std, out=buffer[:len(chunk)])
-            probs[start:start + len(chunk)] = net.forward(x)
+        probs = np.exp(model.log_probabilities(net, images, meta["prep"],
+                                               meta.get("flip_average"), batch_size))
     if not np.isfinite(probs).all():
         raise cli.Error("the model's outputs are not finite (NaN or infinity): its weights or "
                         "normalisation statistics are too extreme for "
@@ -113,9 +107,9 @@ def plot_history(records, path):
 def plot_weights(w1, path, n=100):
     """The first `n` first-layer weight vectors as 32x32 colour images, each scaled to [0, 1]."""
     w1 = np.asarray(w1, dtype=np.float64)
-    if w1.ndim != 2 or w1.shape[0] != INPUT_SIZE:
+    if w1.ndim != 2 or w1.shape[0] != PIXELS:
         raise cli.Error(f"first-layer weights of shape {w1.shape} are not 32x32 RGB images "
-                        f"(need {INPUT_SIZE} rows)")
+                        f"(need {PIXELS} rows)")
     n = min(n, w1.shape[1])
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
@@ -201,11 +195,11 @@ def load_history(path):
                         f"{cli.shown(reason)}") from None
 
 
-def load_test_set(data_dir, net, model_path):
+def load_test_set(data_dir, net, meta, model_path):
     """The CIFAR-10 test images and labels, refused if they do not fit the network."""
     _, _, images, labels = data_loader.load_data(data_dir)
-    if images.shape[1] != net.input_size:
-        raise cli.Error(f"{cli.shown(model_path)} takes {net.input_size} inputs per image but "
+    if images.shape[1] != len(meta["mean"]):
+        raise cli.Error(f"{cli.shown(model_path)} takes {len(meta['mean'])} inputs per image but "
                         f"the images in {cli.shown(data_dir)} have {images.shape[1]}")
     if net.output_size != data_loader.N_CLASSES:  # else a confusion matrix of classes squared
         raise cli.Error(f"{cli.shown(model_path)} has {net.output_size} classes, not the "
@@ -216,11 +210,11 @@ def load_test_set(data_dir, net, model_path):
 def add_model_options(parser, model_help):
     """--model, --data-dir and --batch-size: what test.py and utils.py both take."""
     parser.add_argument("--model", default="results/best.npy",
-                        help=f"{model_help} (default: results/best.npy)")
+                        help=model_help)
     parser.add_argument("--data-dir", default="data",
-                        help="folder holding CIFAR-10 (default: data)")
+                        help="folder holding CIFAR-10")
     parser.add_argument("--batch-size", type=int, default=2000,
-                        help="test images per forward pass (default: 2000)")
+                        help="test images per forward pass")
 
 
 def parse_model_options(parser, argv):
@@ -231,7 +225,7 @@ def parse_model_options(parser, argv):
 
 
 def main(argv=None):
-    parser = cli.Parser(prog="utils.py", formatter_class=argparse.HelpFormatter,
+    parser = cli.Parser(prog="utils.py",
                         description="Redraw the pictures of a saved model: weights, training "
                         "curves (from history.json beside the model), confusion matrix and "
                         "misclassified test images.")
@@ -247,14 +241,15 @@ def main(argv=None):
         plot(*plot_args, os.path.join(out_dir, name))
         print(f"wrote {cli.shown(os.path.join(out_dir, name))}")
 
-    draw(plot_weights, WEIGHTS_PNG, net.w1)
+    whitening = meta["prep"].whitening  # first-layer weights as seen from the pixels
+    draw(plot_weights, WEIGHTS_PNG, net.w1 if whitening is None else whitening @ net.w1)
     history = os.path.join(os.path.dirname(os.path.abspath(args.model)), "history.json")
     if os.path.exists(history):
         draw(plot_history, CURVES_PNG, load_history(history))
     else:
         print(f"no {cli.shown(history)}: skipping the training curves")
-    images, labels = load_test_set(args.data_dir, net, args.model)
-    predictions = predict_proba(net, images, meta["mean"], meta["std"], args.batch_size).argmax(1)
+    images, labels = load_test_set(args.data_dir, net, meta, args.model)
+    predictions = predict_proba(net, meta, images, args.batch_size).argmax(1)
     counts = confusion_matrix(labels, predictions, net.output_size)
     draw(plot_confusion, CONFUSION_PNG, counts, meta["class_names"])
     draw(plot_misclassified, MISCLASSIFIED_PNG, images, labels, predictions, meta["class_names"])

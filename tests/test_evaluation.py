@@ -12,6 +12,7 @@ from PIL import Image
 
 import cli
 import config as cfg
+import data_loader
 import model
 import utils
 from conftest import load_script, make_cifar_dir
@@ -49,7 +50,7 @@ def save_tiny_model(path, input_size=3072, seed=0):
     net = model.ThreeLayerNN(input_size, 8, 10, "tanh", seed=seed)
     mean = rng.uniform(100, 150, input_size).astype(np.float32)
     std = rng.uniform(50, 70, input_size).astype(np.float32)
-    model.save_checkpoint(path, net, mean, std, cfg.CLASS_NAMES, {"hidden_size": [8, 8]})
+    model.save_checkpoint(path, net, mean, std, data_loader.CLASS_NAMES, {"hidden_size": [8, 8]})
     return net, mean, std
 
 
@@ -124,11 +125,11 @@ def test_every_plot_writes_a_png(tmp_path):
     labels, predictions = rng.integers(0, 10, 50), rng.integers(0, 10, 50)
     utils.plot_history(records, tmp_path / "curves.png")
     utils.plot_weights(rng.normal(size=(3072, 12)), tmp_path / "weights.png")
-    utils.plot_confusion(utils.confusion_matrix(labels, predictions, 10), cfg.CLASS_NAMES,
+    utils.plot_confusion(utils.confusion_matrix(labels, predictions, 10), data_loader.CLASS_NAMES,
                          tmp_path / "confusion.png")
-    utils.plot_misclassified(images, labels, predictions, cfg.CLASS_NAMES,
+    utils.plot_misclassified(images, labels, predictions, data_loader.CLASS_NAMES,
                              tmp_path / "wrong.png", n=10)
-    utils.plot_misclassified(images, labels, labels, cfg.CLASS_NAMES, tmp_path / "none.png")
+    utils.plot_misclassified(images, labels, labels, data_loader.CLASS_NAMES, tmp_path / "none.png")
     utils.plot_history([], tmp_path / "empty.png")
     written = sorted(os.listdir(tmp_path))  # and no temporary files left behind
     assert written == sorted(["curves.png", "weights.png", "confusion.png", "wrong.png",
@@ -167,7 +168,7 @@ def test_evaluation_prints_the_accuracy_of_its_confusion_matrix(cifar, tmp_path,
     predictions = independent_predictions(net, mean, std, images)
     expected_counts, rows = loop_metrics(labels.tolist(), predictions.tolist(), 10)
     assert metrics["confusion"] == expected_counts
-    for name, row in zip(cfg.CLASS_NAMES, rows):
+    for name, row in zip(data_loader.CLASS_NAMES, rows):
         assert metrics["per_class"][name] == pytest.approx(row)
         assert re.search(rf"^{name}\s+{row['accuracy']:.4f}\s+{row['precision']:.4f}\s+"
                          rf"{row['support']}$", out, re.M), out
@@ -232,7 +233,7 @@ def test_images_are_classified_with_top_three(checkpoint, tmp_path, capsys):
     assert [line.split(": ")[0] for line in lines] == [str(png), str(jpg)]
     for line in lines:
         guesses = re.findall(r"(\w+) (\d\.\d{3})", line.split(": ", 1)[1])
-        assert len(guesses) == 3 and all(name in cfg.CLASS_NAMES for name, _ in guesses)
+        assert len(guesses) == 3 and all(name in data_loader.CLASS_NAMES for name, _ in guesses)
         probs = [float(p) for _, p in guesses]
         assert probs == sorted(probs, reverse=True) and sum(probs) <= 1.0005
     assert not (tmp_path / "test_metrics.json").exists()  # no test-set evaluation

@@ -101,7 +101,7 @@ def snapshot(folder):
     if not folder.exists():
         return {}
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file()}
+            if p.is_file() and p.name != ".lock"}  # a run's lock records its pid
 
 
 @pytest.fixture(autouse=True)
@@ -132,7 +132,7 @@ def version(k):
 
 
 def save_version(path, k):
-    model.save_checkpoint(path, version(k), MEAN, STD, cfg.CLASS_NAMES, {}, version=k)
+    model.save_checkpoint(path, version(k), MEAN, STD, data_loader.CLASS_NAMES, {}, version=k)
 
 
 def assert_is_version(path, allowed):
@@ -273,7 +273,7 @@ def test_kill_9_of_train_py_leaves_loadable_consistent_files(tmp_path, data_dir)
         else:
             assert meta["val_acc"] > max(accs)
         assert all(TMP_NAME.match(p.name) for p in save_dir.iterdir()
-                   if p.name not in ("best.npy", "history.json"))
+                   if p.name not in ("best.npy", "history.json", train.STATE_FILE, ".lock"))
 
 
 # --- read-only and full results folders -------------------------------------------------------
@@ -360,7 +360,7 @@ def test_a_read_only_results_folder_is_one_clear_error(read_only_results, data_d
 
 def test_a_full_disk_is_one_clear_error_and_keeps_the_previous_run(tmp_path, data_dir):
     disk = tmp_path / "disk"
-    mount_tmpfs(disk, size="512k")
+    mount_tmpfs(disk, size="1m")
     try:
         results = disk / "results"
         code, _, err = script("train", *TINY, "--data-dir", data_dir, "--save-dir", results,
@@ -418,23 +418,24 @@ TRAIN_BAD = [
     (["--momentum", "1"], 2, "--momentum must be in [0, 1)"),
     (["--momentum", "-0.1"], 2, "--momentum"),
     (["--dropout", "1"], 2, "--dropout must be in [0, 1)"),
-    (["--reg", "-1"], 2, "--reg must be >= 0"),
+    (["--reg", "-1"], 2, "--reg must be in [0, 1]"),
+    (["--reg", "1e308"], 2, "--reg must be in [0, 1]"),
     (["--reg", "inf"], 2, "--reg must be a finite number"),
     (["--label-smoothing", "1"], 2, "--label-smoothing"),
     (["--lr-decay", "0"], 2, "--lr-decay"),
     (["--warmup-epochs", "-1"], 2, "--warmup-epochs"),
     (["--translate", "17"], 2, "--translate"),
-    (["--seed", "-1"], 2, "--seed must be >= 0"),
+    (["--seed", "-1"], 2, "--seed must be in [0, 4294967296)"),
     (["--flip", "maybe"], 2, "expected true or false"),
     (["--dtype", "float16"], 2, "invalid choice"),
     (["--preset", "nope"], 2, "invalid choice"),
     (["--val-size", "0"], 2, "--val-size must be positive"),
     (["--val-size", "-5"], 2, "--val-size must be positive"),
     (["--colour", "red"], 2, "unrecognized arguments"),
-    # Checks that need the data: a run-time failure, still before any training.
-    (["--val-size", "100"], 1, "--val-size must be between 1 and 99"),
-    (["--val-size", "1000"], 1, "--val-size must be between 1 and 99"),
-    (["--batch-size", "81"], 1, "--batch-size 81 is larger than the 80 training images"),
+    # Checks that need the data: still usage errors (exit 2), before any training.
+    (["--val-size", "100"], 2, "--val-size must be between 1 and 99"),
+    (["--val-size", "1000"], 2, "--val-size must be between 1 and 99"),
+    (["--batch-size", "81"], 2, "--batch-size 81 is larger than the 80 training images"),
     (["--data-dir", "{tmp}/nowhere"], 1, "cannot download CIFAR-10"),
     (["--save-dir", "{tmp}/a_file"], 1, "cannot write to the folder"),
 ]
@@ -493,8 +494,8 @@ OTHER_BAD = [
     ("hyperparam_tuning", ["--n-trials", "0"], 2, "must be positive"),
     ("hyperparam_tuning", ["--timeout", "-1"], 2, "must be positive"),
     ("hyperparam_tuning", ["--space-file", "{tmp}/absent.json"], 2, "cannot read --space-file"),
-    ("hyperparam_tuning", ["--val-size", "100"], 1, "--val-size must be between 1 and 99"),
-    ("hyperparam_tuning", ["--space", "batch_size=10,81"], 1, "--batch-size 81 is larger"),
+    ("hyperparam_tuning", ["--val-size", "100"], 2, "--val-size must be between 1 and 99"),
+    ("hyperparam_tuning", ["--space", "batch_size=10,81"], 2, "--batch-size 81 is larger"),
     ("hyperparam_tuning", ["--data-dir", "{tmp}/nowhere"], 1, "cannot download CIFAR-10"),
     ("hyperparam_tuning", ["--out-dir", "{tmp}/a_file"], 1, "cannot write to the folder"),
 ]
@@ -509,7 +510,7 @@ def test_other_scripts_refuse_bad_values_before_any_work(tmp_path, data_dir, cap
     out_dir = tmp_path / "out"
     checkpoint = tmp_path / "model" / "best.npy"
     model.save_checkpoint(checkpoint, model.ThreeLayerNN(3072, 8, 10), MEAN, STD,
-                          cfg.CLASS_NAMES, {})
+                          data_loader.CLASS_NAMES, {})
     monkeypatch.setattr(ht, "catch_interrupts", lambda: None)  # keep pytest's Ctrl-C
     base, main = {
         "test": (["--model", checkpoint, "--data-dir", data_dir, "--out-dir", out_dir],
@@ -517,7 +518,7 @@ def test_other_scripts_refuse_bad_values_before_any_work(tmp_path, data_dir, cap
         "utils": (["--model", checkpoint, "--data-dir", data_dir, "--out-dir", out_dir],
                   utils.main),
         "benchmark": (["--hidden-size", "8", "--n-images", "20", "--batch-size", "10",
-                       "--epochs", "1", "--no-torch"], benchmark.main),
+                       "--epochs", "1", "--no-torch", "--configs", "report"], benchmark.main),
         "hyperparam_tuning": ([*TINY, "--space", "seed=0", "--data-dir", data_dir,
                                "--out-dir", out_dir], ht.main),
     }[name]
@@ -532,7 +533,7 @@ def test_other_scripts_refuse_bad_values_before_any_work(tmp_path, data_dir, cap
 def test_usage_and_run_time_errors_from_the_real_command_lines(tmp_path, data_dir):
     checkpoint = tmp_path / "best.npy"
     model.save_checkpoint(checkpoint, model.ThreeLayerNN(3072, 8, 10), MEAN, STD,
-                          cfg.CLASS_NAMES, {})
+                          data_loader.CLASS_NAMES, {})
     cases = [
         ("train", ["--lr", "0"], 2),
         ("train", [*TINY, "--data-dir", tmp_path / "nowhere"], 1),
@@ -595,7 +596,7 @@ def png_header(width, height):
 def test_files_that_are_not_images_are_one_clear_error(tmp_path, capsys, content, message):
     checkpoint = tmp_path / "best.npy"
     model.save_checkpoint(checkpoint, model.ThreeLayerNN(3072, 8, 10), MEAN, STD,
-                          cfg.CLASS_NAMES, {})
+                          data_loader.CLASS_NAMES, {})
     path = tmp_path / "picture.png"
     if content == "folder":
         path.mkdir()
@@ -612,7 +613,7 @@ def test_an_image_past_the_pixel_limit_is_refused_without_a_warning(tmp_path):
     """In a real process, where PIL's DecompressionBombWarning would print two more lines."""
     checkpoint = tmp_path / "best.npy"
     model.save_checkpoint(checkpoint, model.ThreeLayerNN(3072, 8, 10), MEAN, STD,
-                          cfg.CLASS_NAMES, {})
+                          data_loader.CLASS_NAMES, {})
     path = tmp_path / "huge.png"
     path.write_bytes(png_header(10_000, 10_000))
     code, out, err = script("test", "--model", checkpoint, "--image", path)

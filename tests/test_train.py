@@ -1,11 +1,13 @@
 """train.py: schedules, the optimiser, and whole training runs on a small synthetic set."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import config as cfg
 import model
+import optim
 import train
 
 
@@ -45,10 +47,10 @@ def test_schedules():
 
 @pytest.mark.parametrize("momentum,nesterov", [(0.0, False), (0.9, False), (0.9, True)])
 def test_sgd_matches_the_formula(momentum, nesterov, monkeypatch):
-    monkeypatch.setattr(train.SGD, "BLOCK", 3)  # several blocks, one of them partial
+    monkeypatch.setattr(optim.SGD, "BLOCK", 3)  # several blocks, one of them partial
     rng = np.random.default_rng(0)
     params = {"w1": rng.normal(size=(2, 4)), "b1": rng.normal(size=4)}
-    opt = train.SGD(params, momentum, nesterov, reg=0.1)
+    opt = optim.SGD(params, momentum, nesterov, reg=0.1)
     w, b = params["w1"].copy(), params["b1"].copy()
     vw, vb = np.zeros_like(w), np.zeros_like(b)
     for _ in range(3):
@@ -71,7 +73,7 @@ def test_training_learns_and_writes_everything(tmp_path):
     history = json.loads((tmp_path / "history.json").read_text())
     assert [r["epoch"] for r in history["epochs"]] == [1, 2, 3, 4]
     assert set(history["epochs"][0]) == {"epoch", "train_loss", "train_acc", "val_loss",
-                                        "val_acc", "lr", "seconds"}
+                                        "val_acc", "lr", "tflop", "seconds"}
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     net, meta = model.load_checkpoint(tmp_path / "best.npy")
     assert meta["config"]["hidden_size"] == [32, 16] and meta["epoch"] == result["best_epoch"]
@@ -87,7 +89,7 @@ def test_checkpoint_holds_the_best_epoch_not_the_last(tmp_path, monkeypatch):
     assert result["best_epoch"] == 1 + int(np.argmax(accs)) <= 2 and accs[-1] < max(accs)
     net, meta = model.load_checkpoint(tmp_path / "best.npy")
     _, _, x_val, y_val = train.data_loader.split_validation(data[0], data[1], 100, 0)
-    loss, acc = train.evaluate(net, x_val, y_val, meta["mean"], meta["std"])
+    loss, acc = train.evaluate(net, x_val, y_val, meta["prep"])
     assert acc == max(accs) and meta["epoch"] == result["best_epoch"]
 
 
@@ -127,3 +129,96 @@ def test_batch_larger_than_the_data_is_refused(tmp_path):
     with pytest.raises(train.cli.Error, match="batch-size"):
         train.train(small_config(tmp_path, batch_size=10_000), synthetic_data(), progress=False)
     assert not (tmp_path / "best.npy").exists()
+
+
+def test_same_numbers_as_the_stored_short_run(tmp_path):
+    """Behaviour is unchanged by refactors and speed work: a short float64 run (dropout,
+    smoothing, flips, shifts, Nesterov, L2) matches the history stored in tests/golden_run.json."""
+    golden = json.loads((Path(__file__).parent / "golden_run.json").read_text())
+    config = cfg.make_config(**golden["config"], save_dir=str(tmp_path))
+    result = train.train(config, synthetic_data(), progress=False, evaluate_test=True)
+    for got, want in zip(result["history"], golden["epochs"], strict=True):
+        assert {k: got[k] for k in want} == pytest.approx(want, rel=1e-9)
+    assert (result["test_acc"], result["best_epoch"]) == (golden["test_acc"], golden["best_epoch"])
+    net, _ = model.load_checkpoint(tmp_path / "best.npy")
+    sums = {k: float(np.abs(v).sum()) for k, v in net.params.items()}
+    assert sums == pytest.approx(golden["weight_sums"], rel=1e-9)
+
+
+def test_the_optimisers_l2_is_the_gradient_of_loss_funs_l2():
+    """L2 lives in the optimiser; the report's loss_fun adds 0.5*reg*|w|^2. One plain SGD step
+    with lr 1 from backward_pass's gradients must move each parameter by the numerical
+    gradient of loss_fun."""
+    rng = np.random.default_rng(0)
+    net = model.ThreeLayerNN(12, (7, 5), 4, dtype=np.float64, seed=1)
+    x, y, reg = rng.normal(size=(6, 12)), rng.integers(0, 4, 6), 0.3
+    before = {k: p.copy() for k, p in net.params.items()}
+    log_probs, cache = net.forward_pass(x)
+    optim.SGD(net.params, reg=reg).step(net.params, net.backward_pass(log_probs, y, cache), 1.0)
+    steps = {name: before[name] - p for name, p in net.params.items()}
+    for name, p in net.params.items():
+        p[...] = before[name]
+    for name, p in net.params.items():
+        numeric = np.zeros_like(p)
+        for i in np.ndindex(p.shape):
+            p[i] += 1e-6
+            up = net.loss_fun(x, y, reg)
+            p[i] -= 2e-6
+            numeric[i] = (up - net.loss_fun(x, y, reg)) / 2e-6
+            p[i] += 1e-6
+        assert np.allclose(steps[name], numeric, rtol=1e-5, atol=1e-8), name
+        assert np.allclose(net.backward(x, y, reg)[name], numeric, rtol=1e-5, atol=1e-8), name
+
+
+def test_every_option_is_declared_once_and_reaches_the_command_line(capsys):
+    assert set(cfg.DEFAULT_CONFIG) == set(cfg.HELP) == set(cfg.OPTIONS)
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for key, option in cfg.OPTIONS.items():
+        assert f"--{key.replace('_', '-')}" in text and " ".join(option.help.split()) in text
+    for alias in cfg.ALIASES:  # the report's names stay accepted at the edge
+        assert f"--{alias.replace('_', '-')}" in text
+    assert cfg.make_config(learning_rate=0.3, reg_lambda=0.2)["lr"] == 0.3
+    for key, option in cfg.OPTIONS.items():
+        if option.range:
+            low = float(option.range[1:].split(",")[0])
+            with pytest.raises(train.cli.Error, match=f"--{key.replace('_', '-')}"):
+                cfg.make_config(**{key: type(option.default)(low - 1)})
+
+
+def test_training_compute_is_counted_in_closed_form(tmp_path):
+    """2 x the multiply-adds of every matrix product: forward and backward of each step (no
+    input gradient at the first layer) and the forward pass of each validation image."""
+    config = small_config(tmp_path, epochs=3)  # 500 training images, batches of 50, 100 held out
+    result = train.train(config, synthetic_data(), progress=False)
+    d, (h1, h2), c = 3072, config["hidden_size"], 10
+    macs = d * h1 + h1 * h2 + h2 * c
+    per_epoch = 500 * (6 * macs - 2 * d * h1) + 100 * 2 * macs
+    assert result["tflop"] * 1e12 == pytest.approx(3 * per_epoch, rel=1e-12)
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert history["training_tflop"] == result["tflop"]
+    # Whitening adds its covariance product and one projection per image seen; flip
+    # averaging doubles each validation pass.
+    config = small_config(tmp_path / "w", epochs=1, whiten=40, flip_average=True)
+    result = train.train(config, synthetic_data(), progress=False)
+    k = 40
+    macs = k * h1 + h1 * h2 + h2 * c
+    m = k + 64  # leading_eigenvectors' block: 4 iterations, then the small problem
+    fit = 2 * 500 * d * d + 2 * d * d * m * 6 + 2 * d * m * (m + k)
+    expected = (fit + 500 * (6 * macs - 2 * k * h1 + 2 * d * k)
+                + 2 * 100 * (2 * macs + 2 * d * k))
+    assert result["tflop"] * 1e12 == pytest.approx(expected, rel=1e-12)
+
+
+def test_benchmark_prints_both_configurations_and_where_the_time_goes(capsys):
+    import benchmark
+
+    assert benchmark.main(["--hidden-size", "8", "--batch-size", "16", "--n-images", "64",
+                           "--epochs", "1", "--no-torch", "--profile"]) == 0
+    out = capsys.readouterr().out
+    assert "matmul peak:" in out and "of peak" in out
+    header = next(line for line in out.splitlines() if "report" in line and "default" in line)
+    assert header.split() == ["report", "default"]
+    for name in ("affine_forward", "affine_backward", "step", "augment", "normalize"):
+        assert name in out

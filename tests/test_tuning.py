@@ -137,7 +137,7 @@ def test_default_space_is_a_small_grid_close_to_the_report():
     (["--space", "lr=1e-3:1e-1:log"], "grid needs lists"),
     (["--space", "lr=0.01,0.02", "--lr", "0.05"], "fixed and also searched"),
     (["--space", "activation=relu,swish"], "unknown activation"),
-    (["--space", "reg=-1,0.1"], "--reg must be >= 0"),
+    (["--space", "reg=-1,0.1"], r"--reg must be in \[0, 1\]"),
     (["--sampler", "tpe", "--space", "lr=0:1:log"], "lo > 0 for log"),
     (["--space", "lr=0.1,0.1"], "repeats a value"),
 ])

@@ -1,0 +1,222 @@
+"""Resumable training: kill -9, SIGTERM and SIGHUP at any moment, then --resume, must end
+bit-identical to the uninterrupted run; one run per folder; refused resumptions.
+
+Every run here is a real `python train.py` process on a tiny synthetic CIFAR folder, with
+one BLAS thread (the guarantee is for the same machine and the same thread count).
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import model
+import train
+from conftest import ROOT, make_cifar_dir
+
+pytestmark = pytest.mark.timeout(240)
+
+# Dropout, flips and shifts draw from the random state, so a resume must restore it exactly.
+RUN = ["--epochs", "8", "--hidden-size", "48", "24", "--val-size", "40", "--batch-size", "20",
+       "--warmup-epochs", "1", "--translate", "1", "--dropout", "0.1", "--no-progress"]
+
+# Runs train.py, but SIGKILLs itself at its Nth fsync: inside an atomic write, after the
+# temporary file is complete and before it replaces the old one (or just after a rename).
+DIE_AT_FSYNC = """
+import os, signal, sys
+sys.path.insert(0, sys.argv.pop(1))
+calls, real_fsync = [0], os.fsync
+def fsync(fd):
+    calls[0] += 1
+    if calls[0] == int(os.environ["DIE_AT_FSYNC"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_fsync(fd)
+os.fsync = fsync
+import cli, train
+cli.run(train.main)
+"""
+
+
+def environment(**extra):
+    env = {k: v for k, v in os.environ.items() if k != "MLP_DEBUG"}
+    return {**env, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", **extra}
+
+
+def command(data_dir, save_dir, *extra):
+    return [sys.executable, str(ROOT / "train.py"), *RUN, "--data-dir", str(data_dir),
+            "--save-dir", str(save_dir), *map(str, extra)]
+
+
+def run(data_dir, save_dir, *extra, **env):
+    done = subprocess.run(command(data_dir, save_dir, *extra), capture_output=True, text=True,
+                          env=environment(**env), timeout=120)
+    return done.returncode, done.stdout, done.stderr
+
+
+def start(data_dir, save_dir, *extra):
+    return subprocess.Popen(command(data_dir, save_dir, *extra), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=environment())
+
+
+def wait_for_epoch(process, save_dir, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not (Path(save_dir) / "history.json").exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+
+
+def accuracy_line(out):
+    return [line for line in out.splitlines() if line.startswith("Test accuracy:")]
+
+
+def outcome(save_dir, out):
+    """What must match the uninterrupted run: best.npy's arrays, the history without its
+    timings, and the printed test accuracy."""
+    net, meta = model.load_checkpoint(Path(save_dir) / "best.npy")
+    history = json.loads((Path(save_dir) / "history.json").read_text())
+    epochs = [{k: v for k, v in r.items() if k != "seconds"} for r in history["epochs"]]
+    return ({**net.params, "mean": meta["mean"], "std": meta["std"]}, meta["epoch"], epochs,
+            accuracy_line(out))
+
+
+def assert_same(a, b):
+    (arrays_a, *rest_a), (arrays_b, *rest_b) = a, b
+    assert arrays_a.keys() == arrays_b.keys()
+    for name in arrays_a:
+        assert np.array_equal(arrays_a[name], arrays_b[name]), name
+    assert rest_a == rest_b
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    make_cifar_dir(root, n_per_batch=40)  # 200 training images
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory):
+    """The uninterrupted run that every interrupted one must end identical to."""
+    save_dir = tmp_path_factory.mktemp("reference")
+    code, out, err = run(data_dir, save_dir)
+    assert code == 0, err
+    return outcome(save_dir, out)
+
+
+def finish(data_dir, save_dir):
+    """--resume until the run completes (the state may be missing if it died very early)."""
+    if not (save_dir / train.STATE_FILE).exists():
+        code, _, err = run(data_dir, save_dir, "--resume")
+        assert code == 1 and "nothing to resume" in err and len(err.splitlines()) == 1, err
+        code, out, err = run(data_dir, save_dir)
+    else:
+        code, out, err = run(data_dir, save_dir, "--resume")
+    assert code == 0, err
+    return outcome(save_dir, out)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_kill_9_at_random_moments_then_resume_is_bit_identical(data_dir, reference, tmp_path,
+                                                               seed):
+    rng = np.random.default_rng(seed)
+    for attempt in range(2):  # killed twice: the second kill hits a resumed run
+        process = start(data_dir, tmp_path, *(["--resume"] if attempt else []))
+        wait_for_epoch(process, tmp_path)
+        time.sleep(rng.uniform(0, 0.4))
+        process.kill()
+        process.communicate()
+    assert_same(finish(data_dir, tmp_path), reference)
+
+
+@pytest.mark.parametrize("at_fsync", [1, 2, 5, 8, 11, 17, 26])
+def test_kill_9_inside_a_state_or_checkpoint_write_then_resume(data_dir, reference, tmp_path,
+                                                               at_fsync):
+    done = subprocess.run([sys.executable, "-c", DIE_AT_FSYNC, str(ROOT),
+                           *command(data_dir, tmp_path)[2:]], capture_output=True, text=True,
+                          env=environment(DIE_AT_FSYNC=str(at_fsync)), timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert_same(finish(data_dir, tmp_path), reference)
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert leftovers == []  # the resumed run, holding the folder, removed the dead temp files
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129),
+                                         (signal.SIGINT, 130)])
+def test_a_signal_stops_cleanly_and_says_how_to_resume(data_dir, reference, tmp_path, signum,
+                                                       code):
+    process = start(data_dir, tmp_path)
+    wait_for_epoch(process, tmp_path)
+    process.send_signal(signum)
+    out, err = process.communicate(timeout=60)
+    if process.returncode == 0:  # the run had already finished: nothing to check here
+        pytest.skip("the run ended before the signal arrived")
+    assert process.returncode == code, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and "--resume" in lines[0] and str(tmp_path) in lines[0], err
+    assert len(accuracy_line(out)) == 1 and (tmp_path / "curves.png").exists()
+    assert_same(finish(data_dir, tmp_path), reference)
+
+
+def test_a_finished_run_resumed_reports_its_result(data_dir, tmp_path):
+    code, out, _ = run(data_dir, tmp_path)
+    before = outcome(tmp_path, out)
+    code, out, err = run(data_dir, tmp_path, "--resume")
+    assert code == 0, err
+    assert_same(outcome(tmp_path, out), before)
+    assert "resuming" in out and "epoch   1" not in out  # no epoch was trained again
+
+
+def test_resume_refuses_other_options_no_state_and_a_bad_state(data_dir, tmp_path):
+    code, _, err = run(data_dir, tmp_path, "--resume")
+    assert code == 1 and err.startswith("error: nothing to resume in") and err.count("\n") == 1
+    assert run(data_dir, tmp_path)[0] == 0
+    code, _, err = run(data_dir, tmp_path, "--resume", "--lr", "0.03", "--seed", "4")
+    assert code == 2 and err.count("\n") == 1 and "--lr" in err and "--seed" in err, err
+    assert "--epochs" not in err
+    (tmp_path / train.STATE_FILE).write_bytes(b"PK\x03\x04 not really a zip")
+    code, _, err = run(data_dir, tmp_path, "--resume")
+    assert code == 1 and err.startswith("error: ") and err.count("\n") == 1, err
+
+
+def test_a_busy_folder_is_refused_at_once_and_a_dead_holder_never_blocks(data_dir, tmp_path):
+    first = start(data_dir, tmp_path, "--epochs", "100000")
+    try:
+        wait_for_epoch(first, tmp_path)
+        code, out, err = run(data_dir, tmp_path)
+        assert code == 1 and out == "" and err.count("\n") == 1, err
+        assert str(tmp_path) in err and f"pid {first.pid}" in err
+        epochs = len(json.loads((tmp_path / "history.json").read_text())["epochs"])
+        time.sleep(0.5)
+        assert first.poll() is None  # the first run is unaffected and still training
+        assert len(json.loads((tmp_path / "history.json").read_text())["epochs"]) > epochs
+    finally:
+        first.kill()
+        first.communicate()
+    code, _, err = run(data_dir, tmp_path, "--epochs", "2")  # the dead run's lock is gone
+    assert code == 0, err
+
+
+def test_train_function_resumes_for_callers(tmp_path):
+    from test_train import small_config, synthetic_data
+
+    data = synthetic_data()
+    whole = train.train(small_config(tmp_path / "a", dropout=0.1), data, progress=False,
+                        evaluate_test=True)
+
+    def stop_at_2(record):
+        if record["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    config = small_config(tmp_path / "b", dropout=0.1)
+    part = train.train(config, data, on_epoch=stop_at_2, progress=False)
+    assert part["stopped"] == "interrupted" and part["epochs_run"] == 2
+    resumed = train.train(config, data, progress=False, evaluate_test=True, resume=True)
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    assert strip(resumed["history"]) == strip(whole["history"])
+    assert resumed["test_acc"] == whole["test_acc"] and resumed["stopped"] == "completed"
