@@ -6,10 +6,12 @@ the environment variable MLP_DEBUG=1) shows the full traceback instead.
 """
 import argparse
 import contextlib
-import json
+import errno
 import fcntl
+import json
 import os
 import signal
+import stat
 import sys
 import tempfile
 import traceback
@@ -260,8 +262,6 @@ def remove_stale_temps(folder, names):
 
 
 # --- hostile input: text shown to the user, files opened for reading (issue 12) ---------------
-import errno  # noqa: E402  (kept in this block to ease merging)
-import stat  # noqa: E402
 
 
 def shown(text):

@@ -4,11 +4,14 @@ Layers follow the CS231n pattern: a forward returns (out, cache) and its backwar
 takes (dout, cache). Activations live in one registry, so adding one is one entry.
 """
 import json
+import math
 import warnings
+import zipfile
 from collections import namedtuple
 
 import numpy as np
 
+import cli
 import data_loader
 from cli import Error, atomic_write
 
@@ -262,10 +265,6 @@ def log_probabilities(net, images, prep=None, flip_average=False, batch_size=200
 
 
 # --- checkpoints: an .npz archive (any file name), loadable without pickle -------------------
-import math  # noqa: E402  (kept in the checkpoint section to ease merging)
-import zipfile  # noqa: E402
-
-import cli  # noqa: E402
 
 
 class CheckpointError(Error):
@@ -320,8 +319,10 @@ MAX_WEIGHT_BYTES = 1 << 27  # 128 MiB: a 4096 x 4096 float64 or a 5792 x 5792 fl
 MAX_VECTOR_BYTES = 1 << 20  # a bias, mean or std: up to 131,072 float64 values
 MAX_META_BYTES = 1 << 22  # the JSON string, 4 bytes a character: 1 Mi characters
 
+# A run state (train.STATE_FILE) is a checkpoint with the optimiser's velocities besides.
 CHECKPOINT_MEMBERS = {
-    **{k: Member("f", MAX_WEIGHT_BYTES if k[0] == "w" else MAX_VECTOR_BYTES) for k in PARAM_NAMES},
+    **{prefix + k: Member("f", MAX_WEIGHT_BYTES if k[0] == "w" else MAX_VECTOR_BYTES)
+       for k in PARAM_NAMES for prefix in ("", "velocity_")},
     "mean": Member("f", MAX_VECTOR_BYTES), "std": Member("f", MAX_VECTOR_BYTES),
     "whitening": Member("f", MAX_WEIGHT_BYTES), "meta": Member("U", MAX_META_BYTES)}
 
