@@ -1,13 +1,20 @@
-"""Measure training speed and memory against this machine's limits (and PyTorch, if present).
+"""Measure training speed against this machine's limits and PyTorch, and where the time goes.
 
-    python benchmark.py                          # the report's configuration: 512x512, batch 256
-    python benchmark.py --hidden-size 1024 --batch-size 128 --epochs 3
+    python benchmark.py                 # the report's and the default's configurations
+    python benchmark.py --profile       # and a per-operation breakdown of the steps
+    python benchmark.py --epochs 3 --no-torch
 
-Runs the real training epoch (train.train_epoch) on random CIFAR-shaped uint8 images, so
-no data is needed. Prints seconds per epoch, images per second, achieved GFLOP/s, the
-fraction of the float32 matrix-multiply speed measured in the same run, and peak memory.
-When PyTorch is installed it trains the same network in the same run and prints the ratio.
+Runs the real training epoch (train.train_epoch) on random CIFAR-shaped uint8 images, so no
+data is needed, for two configurations side by side: the report's (512x512, batch 256, no
+augmentation) and the default's (1024x1024, batch 128, flips and shifts). It prints seconds
+per epoch, images per second, GFLOP/s achieved, their share of the float32 matrix-multiply
+peak (the best of several runs in this process) and peak memory. With PyTorch installed it
+trains the same network, loss, optimiser and augmentation in PyTorch, epoch for epoch in
+turn with ours, and prints the throughput ratio.
 """
+import collections
+import contextlib
+import functools
 import resource
 import time
 
@@ -20,123 +27,201 @@ import model
 import optim
 import train
 
-BENCH_DEFAULTS = {"hidden_size": [512, 512], "batch_size": 256, "epochs": 2, "n_images": 45000,
-                  "activation": "relu", "momentum": 0.9, "reg": 1e-3, "flip": False,
-                  "translate": 0, "dropout": 0.0, "seed": 0}
-BENCH_HELP = {"n_images": "training images per epoch (45,000 is CIFAR-10 less validation)",
-              "epochs": "timed epochs (after one warm-up epoch); the fastest is reported",
-              **cfg.HELP}
-INPUT, CLASSES = data_loader.PIXELS, data_loader.N_CLASSES
+CONFIGS = {
+    "report": {"hidden_size": [512, 512], "batch_size": 256, "flip": False, "translate": 0,
+               "reg": 1e-3},
+    "default": {"hidden_size": [1024, 1024], "batch_size": 128, "flip": True, "translate": 2,
+                "reg": 5e-4},
+}
+COMMON = {"momentum": 0.9, "nesterov": True, "dropout": 0.0, "label_smoothing": 0.0}
+OVERRIDABLE = ["hidden_size", "activation", "batch_size", "momentum", "nesterov", "reg",
+               "dropout", "flip", "translate"]
+# What --profile times: the layers, the loss, the data path and the optimiser.
+PROFILED = {model: ["affine_forward", "affine_backward", "activation_forward",
+                    "activation_backward", "dropout_forward", "dropout_backward",
+                    "log_softmax", "cross_entropy", "cross_entropy_backward"],
+            data_loader: ["augment", "normalize"], optim.SGD: ["step"]}
 
 
-def flops_per_image(h1, h2, d=INPUT, c=CLASSES):
-    """Forward (2 per multiply-add) plus backward (twice that, less the unneeded input grad)."""
-    macs = d * h1 + h1 * h2 + h2 * c
-    return 2 * macs + 4 * macs - 2 * d * h1
-
-
-def matmul_gflops(n=2048, repeats=10):
-    """This machine's float32 matrix-multiply speed, on square matrices."""
+def matmul_peak(n=2048, runs=7):
+    """This machine's float32 matrix-multiply speed (GFLOP/s), the best of `runs` products."""
     rng = np.random.default_rng(0)
     a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
-    a @ b
-    start = time.perf_counter()
-    for _ in range(repeats):
+    best = float("inf")
+    for _ in range(runs + 1):  # the first warms up the threads
+        start = time.perf_counter()
         a @ b
-    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
 
 
 def peak_memory_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def numpy_epoch_seconds(config, images, labels):
-    """Seconds per training epoch of this project's own loop, the fastest of the timed epochs."""
-    mean, std = data_loader.compute_stats(images[:5000])
-    net = model.ThreeLayerNN(INPUT, config["hidden_size"], CLASSES, config["activation"],
-                             dtype=np.float32, dropout=config["dropout"])
+def numpy_epoch(config, images, labels):
+    """A function that runs one epoch of this project's own loop."""
+    prep = data_loader.Preprocessing(*data_loader.compute_stats(images[:5000]))
+    net = model.ThreeLayerNN(data_loader.PIXELS, config["hidden_size"], data_loader.N_CLASSES,
+                             config["activation"], dropout=config["dropout"])
     optimizer = optim.SGD(net.params, config["momentum"], config["nesterov"], config["reg"])
     rng = np.random.default_rng(0)
-    times = []
-    for epoch in range(config["epochs"] + 1):  # the first epoch warms up caches and threads
-        start = time.perf_counter()
-        train.train_epoch(net, optimizer, images, labels, mean, std, config, 1, rng, False)
-        times.append(time.perf_counter() - start)
-    return min(times[1:])
+    return lambda: train.train_epoch(net, optimizer, images, labels, prep, config, 1, rng,
+                                     False)
 
 
-def torch_epoch_seconds(config, images, labels):
-    """The same network, loss and optimiser in PyTorch on the CPU; None without PyTorch."""
+def torch_epoch(config, images, labels):
+    """The same epoch in PyTorch on the CPU (same gather, augmentation and normalisation);
+    None without PyTorch, or for another network than the plain ReLU one."""
     try:
         import torch
     except ImportError:
         return None
     torch.manual_seed(0)
     h1, h2 = config["hidden_size"]
-    net = torch.nn.Sequential(torch.nn.Linear(INPUT, h1), torch.nn.ReLU(), torch.nn.Linear(h1, h2),
-                              torch.nn.ReLU(), torch.nn.Linear(h2, CLASSES))
+    if config["activation"] != "relu" or config["dropout"]:
+        return None  # the PyTorch twin is the plain ReLU network
+    net = torch.nn.Sequential(torch.nn.Linear(data_loader.PIXELS, h1), torch.nn.ReLU(),
+                              torch.nn.Linear(h1, h2), torch.nn.ReLU(),
+                              torch.nn.Linear(h2, data_loader.N_CLASSES))
     optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=config["momentum"],
                                 nesterov=config["nesterov"], weight_decay=config["reg"])
-    x_all, y_all = torch.from_numpy(images), torch.from_numpy(labels)
-    mean = x_all[:5000].float().mean(0)
-    std = x_all[:5000].float().std(0)
-    batch = config["batch_size"]
-    times = []
-    for epoch in range(config["epochs"] + 1):
-        start = time.perf_counter()
-        order = torch.randperm(len(images))
+    mean, std = (torch.from_numpy(a) for a in data_loader.compute_stats(images[:5000]))
+    y_all, batch, rng = torch.from_numpy(labels), config["batch_size"], np.random.default_rng(0)
+
+    def epoch():
+        order = rng.permutation(len(images))
         for i in range(0, len(images) - batch + 1, batch):
             idx = order[i:i + batch]
-            x = (x_all[idx].float() - mean) / std
+            xb = images[idx]
+            if config["flip"] or config["translate"]:
+                xb = data_loader.augment(xb, rng, config["flip"], config["translate"])
+            x = (torch.from_numpy(xb).float() - mean) / std
             loss = torch.nn.functional.cross_entropy(net(x), y_all[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        times.append(time.perf_counter() - start)
-    return min(times[1:])
+    return epoch
+
+
+def seconds_of(epoch):
+    start = time.perf_counter()
+    epoch()
+    return time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def profiled():
+    """Time every call of the PROFILED functions; yields the Counter of seconds by name."""
+    seconds, originals = collections.Counter(), []
+    for owner, names in PROFILED.items():
+        for name in names:
+            original = getattr(owner, name)
+            originals.append((owner, name, original))
+
+            @functools.wraps(original)
+            def timed(*args, _original=original, _name=name, **kwargs):
+                start = time.perf_counter()
+                try:
+                    return _original(*args, **kwargs)
+                finally:
+                    seconds[_name] += time.perf_counter() - start
+            setattr(owner, name, timed)
+    try:
+        yield seconds
+    finally:
+        for owner, name, original in originals:
+            setattr(owner, name, original)
+
+
+def measure(name, settings, n_images, epochs, with_torch, peak):
+    config = cfg.make_config(**{**COMMON, **CONFIGS[name], **settings})
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(n_images, data_loader.PIXELS), dtype=np.uint8)
+    labels = rng.integers(0, data_loader.N_CLASSES, size=n_images)
+    ours = numpy_epoch(config, images, labels)
+    theirs = torch_epoch(config, images, labels) if with_torch else None
+    seconds, torch_seconds = [], []
+    for _ in range(epochs + 1):  # in turn, so that a drift of the machine hits both alike
+        seconds.append(seconds_of(ours))  # the first of each warms up caches and threads
+        if theirs:
+            torch_seconds.append(seconds_of(theirs))
+    used = n_images // config["batch_size"] * config["batch_size"]
+    net = model.ThreeLayerNN(data_loader.PIXELS, config["hidden_size"], data_loader.N_CLASSES)
+    flops = net.flops(training=True) * used
+    row = {"s/epoch": min(seconds[1:]), "images/s": used / min(seconds[1:])}
+    row["GFLOP/s"] = flops / row["s/epoch"] / 1e9
+    row["of peak"] = row["GFLOP/s"] / peak
+    if torch_seconds:
+        row["torch s/epoch"] = min(torch_seconds[1:])
+        row["numpy/torch"] = row["torch s/epoch"] / row["s/epoch"]
+    return config, row, ours
+
+
+def print_profile(epoch):
+    with profiled() as seconds:
+        start = time.perf_counter()
+        epoch()
+        total = time.perf_counter() - start
+    print(f"{'operation':<24} {'seconds':>8} {'share':>6}")
+    for name, s in seconds.most_common():
+        print(f"{name:<24} {s:8.3f} {s / total:6.1%}")
+    rest = total - sum(seconds.values())
+    print(f"{'(the loop itself)':<24} {rest:8.3f} {rest / total:6.1%}")
 
 
 def main(argv):
     parser = cli.Parser(description=__doc__.split("\n\n")[0])
-    cli.add_config_options(parser, {**BENCH_DEFAULTS}, BENCH_HELP,
-                           {"activation": sorted(model.ACTIVATIONS)})
+    parser.add_argument("--epochs", type=int, default=2,
+                        help="timed epochs of each loop (after a warm-up); the fastest counts")
+    parser.add_argument("--n-images", type=int, default=45000,
+                        help="training images per epoch (45,000 is CIFAR-10 less validation)")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
+                        help="which configurations to measure")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print where one epoch's time goes, operation by operation")
+    cli.add_config_options(parser, {k: cfg.DEFAULT_CONFIG[k] for k in OVERRIDABLE}, {
+        k: cfg.HELP[k] + " (overrides both configurations)" for k in OVERRIDABLE},
+        {"activation": sorted(model.ACTIVATIONS)}, cfg.ALIASES)
     args = parser.parse_args(argv)
-    settings = {**BENCH_DEFAULTS, **cli.overrides(args, BENCH_DEFAULTS)}
-    n_images = settings.pop("n_images")
+    settings = cli.overrides(args, OVERRIDABLE)
     try:
-        config = cfg.make_config(**settings)
+        batch = [cfg.make_config(**{**CONFIGS[name], **settings})["batch_size"]
+                 for name in args.configs]
     except cli.Error as exc:
         parser.error(str(exc))
-    if n_images < config["batch_size"]:
+    if args.epochs < 1:
+        parser.error(f"--epochs must be positive, got {args.epochs}")
+    if args.n_images < max(batch):
         parser.error("--n-images must be at least --batch-size")
 
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, size=(n_images, INPUT), dtype=np.uint8)
-    labels = rng.integers(0, CLASSES, size=n_images)
-    h1, h2 = config["hidden_size"]
-    peak = matmul_gflops()
-    seconds = numpy_epoch_seconds(config, images, labels)
-    used = n_images // config["batch_size"] * config["batch_size"]
-    gflops = flops_per_image(h1, h2) * used / seconds / 1e9
-    print(f"configuration     : {h1}x{h2} {config['activation']}, batch {config['batch_size']}, "
-          f"{n_images} images, float32, momentum {config['momentum']}, augmentation "
-          f"{'on' if config['flip'] or config['translate'] else 'off'}")
-    print(f"matmul peak       : {peak:.0f} GFLOP/s (float32, 2048x2048, this run)")
-    print(f"numpy epoch       : {seconds:.2f} s  ({used / seconds:,.0f} images/s)")
-    print(f"achieved          : {gflops:.0f} GFLOP/s = {gflops / peak:.0%} of the matmul peak "
-          f"({flops_per_image(h1, h2) / 1e6:.2f} MFLOP per image)")
-    print(f"peak memory       : {peak_memory_mb():.0f} MB (this process, {n_images} uint8 images "
-          f"and the network, before PyTorch is loaded)")
-    if not args.no_torch:
-        torch_seconds = torch_epoch_seconds(config, images, labels)
-        if torch_seconds is None:
-            print("pytorch epoch     : PyTorch is not installed (optional: pip install torch)")
-        else:
-            import torch
-            print(f"pytorch epoch     : {torch_seconds:.2f} s  ({used / torch_seconds:,.0f} images/s, "
-                  f"torch {torch.__version__}, {torch.get_num_threads()} threads)")
-            print(f"numpy / pytorch   : {torch_seconds / seconds:.2f}x the throughput")
+    peak = matmul_peak()
+    print(f"matmul peak: {peak:.0f} GFLOP/s (float32 2048x2048, best of 7 in this process)")
+    rows, epochs = {}, {}
+    for name in args.configs:
+        config, rows[name], epochs[name] = measure(name, settings, args.n_images, args.epochs,
+                                                   not args.no_torch, peak)
+        print(f"{name}: {config['hidden_size'][0]}x{config['hidden_size'][1]}, batch "
+              f"{config['batch_size']}, augmentation "
+              f"{'on' if config['flip'] or config['translate'] else 'off'}")
+    keys = list(dict.fromkeys(k for row in rows.values() for k in row))
+    print(f"{'':<14}" + "".join(f"{name:>12}" for name in rows))
+    for key in keys:
+        cells = []
+        for row in rows.values():
+            value = row.get(key)
+            cells.append("-" if value is None else f"{value:.0%}" if key == "of peak" else
+                         f"{value:.2f}x" if key == "numpy/torch" else f"{value:,.2f}")
+        print(f"{key:<14}" + "".join(f"{c:>12}" for c in cells))
+    print(f"peak memory: {peak_memory_mb():.0f} MB (this process)")
+    if not args.no_torch and "numpy/torch" not in keys:
+        print("no PyTorch comparison: PyTorch is not installed (optional: pip install torch), "
+              "or the options leave the plain ReLU network its twin is")
+    if args.profile:
+        for name, epoch in epochs.items():
+            print(f"\nwhere one epoch's time goes ({name}):")
+            print_profile(epoch)
     return 0
 
 

@@ -6,10 +6,12 @@ the environment variable MLP_DEBUG=1) shows the full traceback instead.
 """
 import argparse
 import contextlib
-import json
+import errno
 import fcntl
+import json
 import os
 import signal
+import stat
 import sys
 import tempfile
 import traceback
@@ -257,3 +259,37 @@ def remove_stale_temps(folder, names):
         if entry.name.endswith(".tmp") and any(entry.name.startswith(f".{name}.")
                                                for name in names):
             _remove(entry.path)
+
+
+# --- hostile input: text shown to the user, files opened for reading (issue 12) ---------------
+
+
+def shown(text):
+    """`text` (a str, bytes or path) safe to print: control and other non-printable characters
+    escaped as `repr` writes them, ordinary Unicode kept. For names and paths read from files."""
+    text = os.fsdecode(text) if isinstance(text, (bytes, os.PathLike)) else str(text)
+    return text if text.isprintable() else "".join(
+        c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def open_regular(path, max_bytes=None):
+    """Open `path` for binary reading only if it is a regular file (of at most `max_bytes`).
+
+    A FIFO, a device or a folder would block or never end; the O_NONBLOCK open and the fstat
+    of the opened descriptor leave no window for a swap. Raises OSError naming what is wrong.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = ("a folder" if stat.S_ISDIR(info.st_mode) else "a FIFO"
+                    if stat.S_ISFIFO(info.st_mode) else "a device or other special file")
+            raise OSError(errno.EINVAL, f"not a regular file but {kind}", os.fspath(path))
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise OSError(errno.EFBIG, f"{info.st_size} bytes, more than the {max_bytes} "
+                          f"it may hold", os.fspath(path))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise

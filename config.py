@@ -41,6 +41,13 @@ OPTIONS = {
                       range="[0, 1)"),
     "label_smoothing": Option(0.1, "cross-entropy label smoothing epsilon (0 = off)",
                               range="[0, 1)"),
+    "whiten": Option(0, "PCA-whiten the input: keep this many principal components of the "
+                     "training split, each scaled to unit variance (ZCA up to a rotation); "
+                     "0 = per-pixel standardisation only", range="[0, 3072]"),
+    "whiten_eps": Option(0.1, "whitening damping, as a share of the mean kept eigenvalue",
+                         range=NON_NEGATIVE),
+    "flip_average": Option(False, "predict each validation and test image as the average of "
+                           "it and its mirror image (stored in the checkpoint)"),
     "flip": Option(True, "random horizontal flips of training images"),
     "translate": Option(2, "random shifts of training images by up to this many pixels "
                         "(0 = off)", range="[0, 16]"),

@@ -9,16 +9,22 @@ Images are uint8 rows of 3072 values in the official order (the red plane, then 
 then blue; each plane 32 rows of 32 pixels); labels are int64 class indices 0-9.
 """
 import contextlib
+import errno
 import hashlib
+import io
+import math
 import os
 import pickle
 import shutil
+import stat
 import tarfile
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
-import warnings
+import zlib
+from collections import namedtuple
 
 import numpy as np
 from tqdm import tqdm
@@ -43,10 +49,20 @@ PART_PREFIX = "." + ARCHIVE + "."  # unfinished downloads: hidden, and never nam
 PART_SUFFIX = ".part"
 EXTRACT_PREFIX = ".cifar-10-extract-"
 STALE_SECONDS = 3600  # leftovers of a killed run older than this are deleted
+MEMBERS = TRAIN_FILES + [TEST_FILE, "batches.meta", "readme.html"]  # all that is extracted
+MAX_MEMBER_BYTES = 40 << 20  # each member of the archive: a real batch is 31 MB
+MAX_MEMBERS = 64  # the official archive has 9
+MAX_TAR_HEADER_BYTES = 64 << 10  # long names and pax records, which tarfile holds in memory
+MAX_DOWNLOAD_BYTES = 2 * 170_498_071  # twice the official archive
 
 
 class DataError(cli.Error):
-    """CIFAR-10 cannot be obtained or read: a bad file, a failed download, a refused archive."""
+    """CIFAR-10 cannot be obtained or read: a bad file, a failed download, a refused archive.
+
+    The message is escaped for the terminal: the paths, names and URLs it quotes may not be."""
+
+    def __init__(self, message):
+        super().__init__(cli.shown(message))
 
 
 # --- obtaining the data ----------------------------------------------------------------------
@@ -61,7 +77,7 @@ def load_data(data_dir="data", url=None, md5=None, progress=True):
     Returns train_images, train_labels, test_images, test_labels.
     """
     folder = os.path.join(data_dir, FOLDER)
-    if not os.path.isdir(folder):
+    if not _is_folder(folder):
         url = url or os.environ.get("CIFAR10_URL") or URL
         md5 = _check_md5_text(md5 or os.environ.get("CIFAR10_MD5") or MD5)
         archive = os.path.join(data_dir, ARCHIVE)
@@ -77,6 +93,24 @@ def load_data(data_dir="data", url=None, md5=None, progress=True):
             download(url, archive, md5, progress)
         extract(archive, data_dir)
     return read_folder(folder)
+
+
+def _is_folder(folder):
+    """Whether `folder` exists (then it must be a readable folder); refuses what would
+    otherwise be mistaken for a missing folder and start a download."""
+    try:
+        info = os.stat(folder)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise DataError(f"cannot open the data folder {folder}: "
+                        f"{exc.strerror or exc}") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise DataError(f"{folder} is a file, not a folder: move or delete it (the "
+                        f"CIFAR-10 batches belong inside a folder of that name)")
+    if not os.access(folder, os.R_OK | os.X_OK):
+        raise DataError(f"cannot read the data folder {folder}: permission denied")
+    return True
 
 
 def _check_md5_text(md5):
@@ -126,15 +160,22 @@ def _fetch(url, f, archive, progress):
     """Stream `url` into file `f`; return the MD5 hex digest of what arrived."""
     digest, received, expected = hashlib.md5(), 0, None
     try:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme == "file":  # a FIFO or a device would block or never end
+            cli.open_regular(urllib.request.url2pathname(parts.path)).close()
         # urlopen verifies TLS certificates with the default SSL context.
         with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
             expected = int(response.headers.get("Content-Length") or 0) or None
+            if (expected or 0) > MAX_DOWNLOAD_BYTES:
+                raise _too_large(url)
             with tqdm(total=expected, unit="B", unit_scale=True, unit_divisor=1024,
                       desc="downloading CIFAR-10", disable=not progress, leave=False) as bar:
                 while chunk := response.read(CHUNK):
+                    received += len(chunk)
+                    if received > MAX_DOWNLOAD_BYTES:
+                        raise _too_large(url)
                     f.write(chunk)
                     digest.update(chunk)
-                    received += len(chunk)
                     bar.update(len(chunk))
     except (OSError, ValueError) as exc:  # URLError, HTTPError and timeouts are OSErrors
         reason = exc if isinstance(exc, urllib.error.HTTPError) else getattr(exc, "reason", exc)
@@ -146,33 +187,77 @@ def _fetch(url, f, archive, progress):
     return digest.hexdigest()
 
 
+def _too_large(url):
+    return DataError(f"the download from {url} is larger than {MAX_DOWNLOAD_BYTES} "
+                     f"bytes (twice the CIFAR-10 archive) and was stopped and discarded: it is "
+                     f"not the CIFAR-10 python archive")
+
+
 def extract(archive, data_dir):
-    """Extract the cifar-10-batches-py folder of `archive` into `data_dir`, refusing members
-    that could land outside it; the folder appears only once complete."""
+    """Extract the CIFAR-10 files of `archive`'s cifar-10-batches-py folder into `data_dir`,
+    each at most MAX_MEMBER_BYTES, refusing members that could land outside it and skipping
+    any other; the folder appears only once complete."""
     target = os.path.join(data_dir, FOLDER)
     tmp = tempfile.mkdtemp(dir=data_dir, prefix=EXTRACT_PREFIX)
-    # tarfile's own 'data' filter is a second line of defence behind _check_member.
-    safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+    extracted = os.path.join(tmp, FOLDER)
+    os.mkdir(extracted)
     try:
-        with tarfile.open(archive, "r:gz") as tar:
-            for member in tar:  # one pass: check each member before it is written
+        with tarfile.open(archive, "r:gz", tarinfo=_BoundedTarInfo) as tar:
+            for count, member in enumerate(tar, 1):  # one pass: check each before it is written
+                if count > MAX_MEMBERS:
+                    raise DataError(f"refused {archive}: more than {MAX_MEMBERS} "
+                                    f"members, and CIFAR-10 has 9")
                 _check_member(member, tmp, archive)
-                tar.extract(member, tmp, **safe)
-        extracted = os.path.join(tmp, FOLDER)
+                if member.size > MAX_MEMBER_BYTES:  # refused, even skipped, before it is read
+                    raise DataError(f"refused {archive}: member {member.name!r} has "
+                                    f"{member.size} bytes, more than the {MAX_MEMBER_BYTES} a "
+                                    f"CIFAR-10 file may have (a real batch is 31 MB)")
+                folder, _, name = member.name.rstrip("/").partition("/")
+                if member.isfile() and folder == FOLDER and name in MEMBERS:
+                    _copy_member(tar, member, os.path.join(extracted, name), archive)
         for name in TRAIN_FILES + [TEST_FILE]:
             if not os.path.isfile(os.path.join(extracted, name)):
-                raise DataError(f"{archive} holds no {FOLDER}/{name}: it is not the CIFAR-10 "
-                                f"python archive; delete it to download again")
+                raise DataError(f"{archive} holds no {FOLDER}/{name}: it is not the "
+                                f"CIFAR-10 python archive; delete it to download again")
         try:
             os.rename(extracted, target)
         except OSError:
             if not os.path.isdir(target):  # else a concurrent run put it there first
                 raise
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        raise DataError(f"cannot extract {archive} ({exc}); delete it to download "
-                        f"again") from None
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+        raise DataError(f"cannot extract {archive} ({exc}); delete it to "
+                        f"download again") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A tar header whose extended headers (long names, pax records), which tarfile reads whole
+    into memory, may be at most MAX_TAR_HEADER_BYTES; sparse files are refused."""
+
+    def _proc_member(self, tarfile_):
+        extended = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
+                    tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
+        if self.type == tarfile.GNUTYPE_SPARSE or (self.type in extended
+                                                   and self.size > MAX_TAR_HEADER_BYTES):
+            raise DataError(f"refused {tarfile_.name}: a sparse member or an "
+                            f"extended header of {self.size} bytes, which CIFAR-10 does not have")
+        return super()._proc_member(tarfile_)
+
+
+def _copy_member(tar, member, path, archive):
+    """Write one archive member to the new file `path`, counting bytes instead of trusting
+    the member's header: more than MAX_MEMBER_BYTES refuses the archive."""
+    refused = DataError(f"refused {archive}: member {member.name!r} is larger than "
+                        f"the {MAX_MEMBER_BYTES} bytes a CIFAR-10 file may have (a real batch "
+                        f"is 31 MB)")
+    written = 0
+    with tar.extractfile(member) as source, open(path, "xb") as out:  # "x": a duplicate fails
+        while chunk := source.read(CHUNK):
+            written += len(chunk)
+            if written > MAX_MEMBER_BYTES:
+                raise refused
+            out.write(chunk)
 
 
 def _check_member(member, root, archive):
@@ -192,7 +277,12 @@ def _check_member(member, root, archive):
 def _remove_stale(data_dir):
     """Delete partial downloads and extractions left by a killed run (they are never read)."""
     now = time.time()
-    for entry in os.scandir(data_dir):
+    try:
+        entries = list(os.scandir(data_dir))
+    except OSError as exc:
+        raise DataError(f"cannot read the data folder {data_dir}: "
+                        f"{exc.strerror or exc}") from None
+    for entry in entries:
         partial = entry.name.startswith(PART_PREFIX) and entry.name.endswith(PART_SUFFIX)
         if not (partial or entry.name.startswith(EXTRACT_PREFIX)):
             continue
@@ -207,12 +297,79 @@ def _remove_stale(data_dir):
 # --- reading the batch files -----------------------------------------------------------------
 
 
-def _numpy_global(name):
-    try:  # NumPy 2 moved numpy.core to numpy._core; the official files name numpy.core
-        from numpy._core import multiarray
-    except ImportError:  # NumPy 1
-        from numpy.core import multiarray
-    return getattr(multiarray, name)
+# A batch pickle may name only these globals, and each resolves to an inert stand-in below:
+# nothing NumPy would build from a crafted state (object or void dtypes, odd strides, a
+# shape larger than its buffer) is ever created. Only plain integer dtypes are known.
+_DTYPE_NAMES = {"u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8"}
+_BYTE_ORDERS = {"|", "<", ">", "="}
+MAX_IMAGES = 10000  # per batch file, as CIFAR-10's
+MAX_BATCH_BYTES = 40 << 20  # a real batch file is 31 MB
+
+
+def _text(value):
+    """A str from a str, or from the bytes Python 2's str loads as."""
+    return value.decode("latin1") if isinstance(value, bytes) else value
+
+
+class _DType:
+    """What `numpy.dtype(name, align, copy)` rebuilds to: a plain integer dtype, or a refusal.
+
+    Its __setstate__ accepts only the plain state NumPy writes for such a dtype (no fields,
+    no subarray, no flags), so no crafted state reaches NumPy's dtype.__setstate__."""
+
+    def __init__(self, name, align=False, copy=True):
+        if _text(name) not in _DTYPE_NAMES:
+            raise pickle.UnpicklingError(f"dtype {name!r} refused: a batch holds uint8 images and "
+                                         f"integer labels")
+        self.dtype = np.dtype(_text(name))
+
+    def __setstate__(self, state):
+        """(version 3 or 4, byte order, None, None, None, -1, -1, 0[, None]), as NumPy writes."""
+        if not (isinstance(state, tuple) and len(state) in (8, 9) and state[0] in (3, 4)
+                and _text(state[1]) in _BYTE_ORDERS and state[2:5] == (None, None, None)
+                and state[5] in (-1, self.dtype.itemsize)
+                and state[6] in (-1, self.dtype.alignment) and state[7:] in ((0,), (0, None))):
+            raise pickle.UnpicklingError(f"a dtype with the state {state!r:.200}")
+        if _text(state[1]) in "<>":
+            self.dtype = self.dtype.newbyteorder(_text(state[1]))
+
+
+_NDARRAY = object()  # what `numpy.ndarray` resolves to: a token, callable by nobody
+
+
+class _Array:
+    """What `_reconstruct(ndarray, (0,), b'b')` followed by BUILD rebuilds to: a C-ordered
+    array of at most MAX_IMAGES x PIXELS elements, copied from a buffer of exactly its size."""
+
+    def __init__(self, subtype, shape, typecode):
+        if subtype is not _NDARRAY:
+            raise pickle.UnpicklingError("_reconstruct of something other than an ndarray")
+        self.array = None
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple) and len(state) == 5:
+            state = state[1:]  # the version number, 1
+        if not (isinstance(state, tuple) and len(state) == 4):
+            raise pickle.UnpicklingError("an ndarray state that is not (shape, dtype, order, data)")
+        shape, dtype, fortran, data = state
+        if not (isinstance(shape, tuple) and 1 <= len(shape) <= 2
+                and all(type(n) is int and n >= 0 for n in shape)
+                and math.prod(shape) <= MAX_IMAGES * PIXELS):
+            raise pickle.UnpicklingError(f"an array of shape {shape!r:.100}")
+        if not isinstance(dtype, _DType) or fortran not in (False, 0):
+            raise pickle.UnpicklingError("an array that is not a C-ordered plain integer array")
+        if not (isinstance(data, (bytes, bytearray))
+                and len(data) == math.prod(shape) * dtype.dtype.itemsize):
+            raise pickle.UnpicklingError("an array whose data does not match its shape")
+        self.array = np.frombuffer(data, dtype.dtype).reshape(shape).copy()
+
+
+def _scalar(dtype, data):
+    """What `numpy.core.multiarray.scalar(dtype, bytes)` rebuilds to: a plain Python int."""
+    if not (isinstance(dtype, _DType) and isinstance(data, bytes)
+            and len(data) == dtype.dtype.itemsize):
+        raise pickle.UnpicklingError("a NumPy scalar that is not a plain integer")
+    return int(np.frombuffer(data, dtype.dtype)[0])
 
 
 def _latin1_encode(text, encoding="latin1"):
@@ -222,22 +379,23 @@ def _latin1_encode(text, encoding="latin1"):
     return text.encode("latin1")
 
 
-# Everything a CIFAR-10 batch may name (labels may be NumPy ints in re-saved files);
-# dicts, lists, str, bytes and ints need no global.
+# Everything a CIFAR-10 batch may name (the official files name numpy.core, NumPy 2 writes
+# numpy._core; labels may be NumPy ints in re-saved files); dicts, lists, str, bytes and ints
+# need no global.
 _ALLOWED = {
-    ("numpy.core.multiarray", "_reconstruct"): lambda: _numpy_global("_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"): lambda: _numpy_global("_reconstruct"),
-    ("numpy.core.multiarray", "scalar"): lambda: _numpy_global("scalar"),  # NumPy ints
-    ("numpy._core.multiarray", "scalar"): lambda: _numpy_global("scalar"),
-    ("numpy", "ndarray"): lambda: np.ndarray,
-    ("numpy", "dtype"): lambda: np.dtype,
-    ("_codecs", "encode"): lambda: _latin1_encode,
+    ("numpy.core.multiarray", "_reconstruct"): _Array,
+    ("numpy._core.multiarray", "_reconstruct"): _Array,
+    ("numpy.core.multiarray", "scalar"): _scalar,
+    ("numpy._core.multiarray", "scalar"): _scalar,
+    ("numpy", "ndarray"): _NDARRAY,
+    ("numpy", "dtype"): _DType,
+    ("_codecs", "encode"): _latin1_encode,
 }
 
 
 class _BatchUnpickler(pickle.Unpickler):
-    """An unpickler that builds only NumPy arrays and plain containers: loading a crafted
-    file cannot run code."""
+    """An unpickler that builds only plain integer arrays and containers: loading a crafted
+    file can neither run code nor hand NumPy a state that corrupts memory."""
 
     def __init__(self, file, path):
         super().__init__(file, encoding="bytes")
@@ -245,28 +403,41 @@ class _BatchUnpickler(pickle.Unpickler):
 
     def find_class(self, module, name):
         if (module, name) not in _ALLOWED:
-            raise DataError(f"{self.path} is not a CIFAR-10 batch: it names {module}.{name}, "
-                            f"which was refused (a batch holds only NumPy arrays and lists)")
-        return _ALLOWED[module, name]()
+            raise DataError(f"{self.path} is not a CIFAR-10 batch: it names "
+                            f"{module}.{name}, which was refused (a batch "
+                            f"holds only NumPy arrays and lists)")
+        return _ALLOWED[module, name]
+
+
+def _unwrap(value):
+    """The array an _Array stand-in holds (None if never filled); other values as they are."""
+    return value.array if isinstance(value, _Array) else value
 
 
 def read_batch(path):
-    """The images (uint8, (N, 3072)) and labels (int64, (N,)) of one batch file, checked."""
+    """The images (uint8, (N, 3072), N <= 10000) and labels (int64, (N,)) of one batch file,
+    checked; the file must be a regular file of at most MAX_BATCH_BYTES."""
     try:
-        with open(path, "rb") as f, warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # NumPy's warnings about a crafted file's values
-            batch = _BatchUnpickler(f, path).load()
+        with cli.open_regular(path, MAX_BATCH_BYTES) as f:
+            raw = f.read(MAX_BATCH_BYTES + 1)  # the file may grow after the size check
+        if len(raw) > MAX_BATCH_BYTES:
+            raise OSError(errno.EFBIG, f"more than the {MAX_BATCH_BYTES} bytes it may hold")
+        batch = _BatchUnpickler(io.BytesIO(raw), path).load()
+        del raw
     except DataError:
         raise
     except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc.strerror or exc}; put the CIFAR-10 python "
-                        f"batches there or delete its folder to download them again") from None
-    except Exception as exc:  # any parse failure means a damaged file
-        raise DataError(f"{path} is damaged or not a CIFAR-10 batch ({type(exc).__name__}: "
-                        f"{exc}); delete its folder to download again") from None
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}; put the CIFAR-10 "
+                        f"python batches there or delete its folder to download them "
+                        f"again") from None
+    except Exception as exc:  # any parse failure or refusal means a damaged or crafted file
+        raise DataError(f"{path} is damaged or not a CIFAR-10 batch "
+                        f"({type(exc).__name__}: {exc}); delete its folder to "
+                        f"download again") from None
     if not isinstance(batch, dict):
-        raise DataError(f"{path} is not a CIFAR-10 batch: it holds a {type(batch).__name__}")
-    batch = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
+        raise DataError(f"{path} is not a CIFAR-10 batch: it holds a "
+                        f"{type(batch).__name__}")
+    batch = {_text(k): _unwrap(v) for k, v in batch.items() if isinstance(k, (str, bytes))}
     return _check_batch(path, batch.get("data"), batch.get("labels"))
 
 
@@ -362,6 +533,64 @@ def compute_stats(images, chunk_size=2048):
     std = np.sqrt(np.maximum(squares / len(images) - mean ** 2, 0.0))
     std[std == 0] = 1.0  # a pixel constant in training carries no information: leave it 0
     return mean.astype(np.float32), std.astype(np.float32)
+
+
+Preprocessing = namedtuple("Preprocessing", "mean std whitening", defaults=(None,))
+Preprocessing.__doc__ = """What turns uint8 images into network inputs, fixed from the training split:
+x = (image - mean) / std, then x @ whitening (3072, k) when PCA whitening is on."""
+
+
+def fit_preprocessing(images, whiten=0, eps=0.1, sample=10000):
+    """The Preprocessing of a training split: per-pixel statistics, and with `whiten` > 0 the
+    projection onto its `whiten` leading principal components, each scaled to unit variance.
+
+    That is ZCA whitening up to a rotation, which a dense first layer with a rotation-invariant
+    initialisation does not see, and it drops the smallest components, which are mostly noise.
+    `eps` (a share of the mean kept eigenvalue) damps the weakest components; the covariance
+    comes from the first `sample` images. Returns the Preprocessing and the FLOPs of its
+    matrix products.
+    """
+    mean, std = compute_stats(images)
+    if not whiten:
+        return Preprocessing(mean, std), 0
+    x = normalize(images[:sample], mean, std)
+    covariance = (x.T @ x).astype(np.float64) / len(x)
+    values, vectors, flops = leading_eigenvectors(covariance, whiten)
+    whitening = vectors / np.sqrt(values + eps * values.mean())
+    return Preprocessing(mean, std, whitening.astype(np.float32)), flops + 2 * x.size * len(x.T)
+
+
+def leading_eigenvectors(c, k, iterations=4, oversample=64):
+    """The `k` largest eigenvalues (descending) and eigenvectors of a symmetric matrix, and the
+    FLOPs of the products: subspace iteration on a random block, then a small exact eigh
+    (a full eigh of 3072 x 3072 takes ten times longer)."""
+    d, m = len(c), min(k + oversample, len(c))
+    q = np.random.default_rng(0).standard_normal((d, m))
+    for _ in range(iterations + 1):
+        q = np.linalg.qr(c @ q)[0]
+    values, small = np.linalg.eigh(q.T @ c @ q)
+    vectors = q @ small[:, ::-1][:, :k]
+    flops = 2 * (iterations + 2) * d * d * m + 2 * d * m * (m + k)  # QR's own work not counted
+    return values[::-1][:k], vectors, flops
+
+
+def preprocess(images, prep, dtype=np.float32, out=None):
+    """Network inputs (N, k) of uint8 images (N, 3072): normalised (into `out`, if given, to
+    reuse memory), then whitened if `prep` is."""
+    x = normalize(images, prep.mean, prep.std, out=np.empty(images.shape, dtype) if out is None
+                  else out)
+    return x if prep.whitening is None else x @ prep.whitening.astype(dtype, copy=False)
+
+
+def preprocess_flops(prep):
+    """FLOPs per image of `preprocess`'s matrix product (none without whitening)."""
+    return 0 if prep.whitening is None else 2 * prep.whitening.size
+
+
+def flip(images):
+    """The mirror images (left-right) of uint8 images in CIFAR layout."""
+    n = len(images)
+    return np.ascontiguousarray(images.reshape(n, *IMAGE_SHAPE)[..., ::-1]).reshape(n, PIXELS)
 
 
 def normalize(images, mean, std, out=None):

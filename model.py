@@ -4,11 +4,14 @@ Layers follow the CS231n pattern: a forward returns (out, cache) and its backwar
 takes (dout, cache). Activations live in one registry, so adding one is one entry.
 """
 import json
+import math
 import warnings
+import zipfile
 from collections import namedtuple
 
 import numpy as np
 
+import cli
 import data_loader
 from cli import Error, atomic_write
 
@@ -62,7 +65,9 @@ def get_activation(name):
 
 
 def affine_forward(x, w, b):
-    return x @ w + b, (x, w)
+    out = x @ w
+    out += b  # in place: no second (N, H) temporary
+    return out, (x, w)
 
 
 def affine_backward(dout, cache, need_dx=True):
@@ -78,8 +83,10 @@ def activation_forward(z, name):
 
 
 def activation_backward(da, cache):
+    """da * f'(z), computed in da: it is always fresh from the layer above."""
     z, a, name = cache
-    return da * ACTIVATIONS[name].derivative(z, a)
+    da *= ACTIVATIONS[name].derivative(z, a)
+    return da
 
 
 def dropout_forward(a, p, rng):
@@ -163,6 +170,13 @@ class ThreeLayerNN:
     def output_size(self):
         return self.w3.shape[1]
 
+    def flops(self, training=False):
+        """FLOPs per image (2 per multiply-add) of the matrix products: the forward pass, and
+        with `training` the backward pass too (no input gradient at the first layer)."""
+        (d, h1), h2, c = self.w1.shape, self.hidden_size[1], self.output_size
+        macs = d * h1 + h1 * h2 + h2 * c
+        return 2 * macs + (4 * macs - 2 * d * h1 if training else 0)
+
     def forward_pass(self, x, dropout_rng=None):
         """Log-probabilities (N, C) of inputs x (N, D), and the Cache backward_pass needs.
 
@@ -229,21 +243,24 @@ class ThreeLayerNN:
         return float(np.mean(self.predict(x) == y))
 
 
-def log_probabilities(net, images, mean=None, std=None, batch_size=2000):
+def log_probabilities(net, images, prep=None, flip_average=False, batch_size=2000):
     """Log-probabilities (N, C) of many inputs, a batch at a time so that memory stays small.
 
-    uint8 images are normalised with `mean` and `std` first; float inputs are used as given.
+    uint8 images go through `prep` (a data_loader.Preprocessing) first, float inputs are used
+    as given. With `flip_average` each image's probabilities are averaged with its mirror's.
     """
+    def inputs(chunk):
+        return chunk.astype(net.dtype) if prep is None else \
+            data_loader.preprocess(chunk, prep, net.dtype)
+
     out = np.empty((len(images), net.output_size), net.dtype)
-    buffer = np.empty((min(batch_size, len(images)), images.shape[1]), net.dtype)
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
-        x = buffer[:len(chunk)]
-        if mean is None:
-            x[...] = chunk
-        else:
-            data_loader.normalize(chunk, mean, std, out=x)
-        out[start:start + len(chunk)] = net.forward_pass(x)[0]
+        log_probs = net.forward_pass(inputs(chunk))[0]
+        if flip_average:
+            mirrored = net.forward_pass(inputs(data_loader.flip(chunk)))[0]
+            log_probs = np.logaddexp(log_probs, mirrored) - np.log(2, dtype=net.dtype)
+        out[start:start + len(chunk)] = log_probs
     return out
 
 
@@ -251,7 +268,11 @@ def log_probabilities(net, images, mean=None, std=None, batch_size=2000):
 
 
 class CheckpointError(Error):
-    """A checkpoint that is missing, corrupt, or not one of ours."""
+    """A checkpoint that is missing, corrupt, or not one of ours; the message is escaped for
+    the terminal, as the paths and names it quotes may not be."""
+
+    def __init__(self, message):
+        super().__init__(cli.shown(message))
 
 
 def save_checkpoint(path, net, mean, std, class_names, config, arrays=None, **extra):
@@ -274,22 +295,109 @@ def load_checkpoint(path, extra_arrays=None):
     finite and of the weights' dtype, and are returned in meta.
     """
     try:
-        # Our own open file: np.load leaves its own open when the archive is bad. A crafted
-        # file can make NumPy warn; the error below says all, in one line.
-        with open(path, "rb") as f, warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            archive = np.load(f, allow_pickle=False)
-            if not isinstance(archive, np.lib.npyio.NpzFile):
-                raise CheckpointError(f"{path} holds a single array, not a checkpoint")
-            with archive:
-                arrays = {name: archive[name] for name in archive.files}
-    except CheckpointError:
-        raise
+        # The extra arrays have the weights' float type: 8 bytes an element at most.
+        members = {**CHECKPOINT_MEMBERS, **{name: Member("f", 8 * math.prod(shape))
+                                            for name, shape in (extra_arrays or {}).items()}}
+        arrays = read_archive(path, members, "checkpoint", CheckpointError)
     except FileNotFoundError:
-        raise CheckpointError(f"no model at {path}: train one first with `python train.py`")
-    except Exception as exc:  # zipfile, pickle refusal, truncation, format errors alike
-        raise CheckpointError(f"{path} is not a readable checkpoint ({exc})") from None
+        raise CheckpointError(f"no model at {path}: train one first with "
+                              f"`python train.py`") from None
     return _checkpoint_from_arrays(path, arrays, extra_arrays or {})
+
+
+# --- reading .npz archives without trusting them ---------------------------------------------
+
+
+Member = namedtuple("Member", "kinds max_bytes")
+Member.__doc__ = """What an archive member may be: its dtype kinds (e.g. "f", "iu", "U") and the
+largest size of its data in bytes."""
+
+MAX_NAME = 100  # characters in a class name: longer ones break the plots' layout
+CENTRAL_BYTES_PER_MEMBER = 1024  # a member's zip directory entry (NumPy's take about 80)
+NPY_HEADER_BYTES = 4096  # the largest .npy header accepted (NumPy writes 128 bytes)
+MAX_WEIGHT_BYTES = 1 << 27  # 128 MiB: a 4096 x 4096 float64 or a 5792 x 5792 float32 matrix
+MAX_VECTOR_BYTES = 1 << 20  # a bias, mean or std: up to 131,072 float64 values
+MAX_META_BYTES = 1 << 22  # the JSON string, 4 bytes a character: 1 Mi characters
+
+# A run state (train.STATE_FILE) is a checkpoint with the optimiser's velocities besides.
+CHECKPOINT_MEMBERS = {
+    **{prefix + k: Member("f", MAX_WEIGHT_BYTES if k[0] == "w" else MAX_VECTOR_BYTES)
+       for k in PARAM_NAMES for prefix in ("", "velocity_")},
+    "mean": Member("f", MAX_VECTOR_BYTES), "std": Member("f", MAX_VECTOR_BYTES),
+    "whitening": Member("f", MAX_WEIGHT_BYTES), "meta": Member("U", MAX_META_BYTES)}
+
+
+def read_archive(path, members, what="archive", error=Error):
+    """The arrays of the .npz archive at `path`, as {name: array}, read without trusting it.
+
+    `members` maps each name the archive may hold to its Member(kinds, max_bytes). Unknown,
+    duplicate, object, structured or Fortran-ordered members and any member larger than its
+    max_bytes are refused before they are decompressed, and reads are bounded whatever the
+    headers say. Missing members are the caller's to check. A missing file raises
+    FileNotFoundError; any other failure raises `error`: "<path> is not a readable <what> (why)".
+    """
+    try:
+        # A crafted header can make NumPy warn; the error below says all, in one line.
+        with cli.open_regular(path) as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if f.read(len(np.lib.format.MAGIC_PREFIX)) == np.lib.format.MAGIC_PREFIX:
+                raise ValueError("it holds a single array, not an .npz archive")
+            return _read_zip(f, members)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # refusals, truncation, bad zip or .npy headers alike
+        raise error(cli.shown(f"{path} is not a readable {what} ({exc})")) from None
+
+
+def _read_zip(f, members):
+    """The checked arrays of the zip archive in open file `f` (see `read_archive`)."""
+    # zipfile parses the whole central directory into memory (600 bytes an entry): bound it
+    # first, from the end record (a private helper, stable since Python 2).
+    end = zipfile._EndRecData(f)
+    if end is not None and end[zipfile._ECD_SIZE] > CENTRAL_BYTES_PER_MEMBER * len(members):
+        raise ValueError(f"its directory of {end[zipfile._ECD_SIZE]} bytes lists more members "
+                         f"than the {len(members)} it may hold")
+    with zipfile.ZipFile(f) as archive:
+        infos = archive.infolist()
+        names = [info.filename.removesuffix(".npy") for info in infos]
+        unknown = sorted({n for n in names if n not in members})
+        if unknown:
+            raise ValueError(f"unknown members {', '.join(unknown):.200}")
+        if len(set(names)) != len(names):
+            raise ValueError("a member stored twice")
+        for name, info in zip(names, infos):
+            if info.file_size > members[name].max_bytes + NPY_HEADER_BYTES:
+                raise ValueError(f"member {name} declares {info.file_size} bytes, more than "
+                                 f"the {members[name].max_bytes} it may hold")
+        arrays = {}
+        for name, info in zip(names, infos):
+            with archive.open(info) as stream:
+                arrays[name] = _read_npy(stream, name, members[name])
+        return arrays
+
+
+def _read_npy(stream, name, member):
+    """One .npy array from `stream`, refused (ValueError) unless its header matches `member`;
+    reads at most the bytes its shape needs, plus one to notice more."""
+    version = np.lib.format.read_magic(stream)
+    readers = {(1, 0): np.lib.format.read_array_header_1_0,
+               (2, 0): np.lib.format.read_array_header_2_0}
+    if version not in readers:
+        raise ValueError(f"member {name} is in .npy format {version}, not 1.0 or 2.0")
+    shape, fortran, dtype = readers[version](stream, max_header_size=NPY_HEADER_BYTES)
+    if dtype.kind not in member.kinds or dtype.hasobject or dtype.fields or dtype.subdtype:
+        raise ValueError(f"member {name} has dtype {dtype}, not of the kinds {member.kinds!r}")
+    if fortran:
+        raise ValueError(f"member {name} is stored in Fortran order")
+    size = math.prod(shape) * dtype.itemsize
+    if size > member.max_bytes:
+        raise ValueError(f"member {name} has shape {shape}: {size} bytes, more than the "
+                         f"{member.max_bytes} it may hold")
+    data = stream.read(size + 1)
+    if len(data) != size:
+        raise ValueError(f"member {name} holds {'more' if len(data) > size else 'less'} data "
+                         f"than its shape {shape} needs")
+    return np.frombuffer(bytearray(data), dtype).reshape(shape)
 
 
 def _checkpoint_from_arrays(path, arrays, extra_arrays):
@@ -309,8 +417,9 @@ def _checkpoint_from_arrays(path, arrays, extra_arrays):
         raise CheckpointError(f"{path} is not a valid checkpoint: bad metadata ({exc})") from None
     need(isinstance(activation, str) and activation in ACTIVATIONS,
          f"unknown activation {activation!r}")
-    need(isinstance(class_names, list) and all(isinstance(n, str) for n in class_names),
-         "class_names is not a list of names")
+    need(isinstance(class_names, list) and all(isinstance(n, str) and 0 < len(n) <= MAX_NAME
+                                                for n in class_names),
+         f"class_names is not a list of names of 1 to {MAX_NAME} characters")
     need(isinstance(meta.get("config", {}), dict), "config is not a dict")
     params = {k: arrays[k] for k in PARAM_NAMES}
     dtype = params["w1"].dtype
@@ -323,9 +432,17 @@ def _checkpoint_from_arrays(path, arrays, extra_arrays):
     need(h1 == h1b and h2 == h2b and params["b1"].shape == (h1,) and params["b2"].shape == (h2,)
          and params["b3"].shape == (c,), "layer shapes do not chain")
     need(len(class_names) == c, f"{len(class_names)} class names for {c} outputs")
+    whitening = arrays.get("whitening")
+    pixels = d
+    if whitening is not None:
+        need(isinstance(whitening, np.ndarray) and whitening.dtype == np.float32
+             and whitening.ndim == 2 and whitening.shape[1] == d and np.isfinite(whitening).all(),
+             f"whitening should be finite float32 of shape (pixels, {d})")
+        pixels = whitening.shape[0]
     for k in ("mean", "std"):
-        need(arrays[k].shape == (d,) and arrays[k].dtype == np.float32,
-             f"{k} should be float32 of shape ({d},), got {arrays[k].dtype} {arrays[k].shape}")
+        need(arrays[k].shape == (pixels,) and arrays[k].dtype == np.float32,
+             f"{k} should be float32 of shape ({pixels},), got {arrays[k].dtype} "
+             f"{arrays[k].shape}")
     need(all(np.isfinite(a).all() for a in (*params.values(), arrays["mean"], arrays["std"])),
          "weights or statistics hold NaN or infinity")
     need((arrays["std"] > 0).all(), "std has values <= 0")
@@ -340,5 +457,6 @@ def _checkpoint_from_arrays(path, arrays, extra_arrays):
              and np.isfinite(a).all(), f"{name} is missing, or not finite {dtype} of shape "
                                        f"{tuple(shape)}")
         meta[name] = a
-    meta.update(mean=arrays["mean"], std=arrays["std"], class_names=class_names)
+    meta.update(mean=arrays["mean"], std=arrays["std"], class_names=class_names,
+                prep=data_loader.Preprocessing(arrays["mean"], arrays["std"], whitening))
     return net, meta

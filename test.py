@@ -10,7 +10,7 @@ import os
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 import cli
 import model
@@ -19,42 +19,85 @@ import utils
 METRICS_JSON = "test_metrics.json"
 
 
+# Raster formats only: Pillow would hand EPS and PS files to Ghostscript.
+FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")
+MAX_PIXELS = 50_000_000  # a 48-megapixel photo fits
+WORKING_SIDE = 128  # a bigger picture is shrunk to about this short side before conversion
+# The modes a big picture is shrunk in (box averages), keyed by its own mode: alpha is
+# premultiplied so that transparent pixels lend no colour; I;16 cannot be shrunk, I can.
+REDUCED_AS = {**{mode: mode for mode in ("L", "LA", "RGB", "RGBX", "CMYK", "YCbCr", "I", "F")},
+              "RGBA": "RGBa", **dict.fromkeys(("I;16", "I;16L", "I;16B", "I;16N"), "I")}
+
+
 def load_image(path):
     """A picture file as one CIFAR-layout uint8 vector (R, G, B planes of 32x32).
 
     The picture is centre-cropped to a square, then resized, so shapes are not
-    squashed; transparent areas become white.
+    squashed; transparent areas become white. Only regular files in FORMATS are read.
     """
     try:
         with warnings.catch_warnings():
             # Past PIL's pixel limit an image is refused, not decoded after a warning.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = _open_image(path)
+    except UnidentifiedImageError:
+        raise cli.Error(f"cannot read image {cli.shown(path)}: not a picture in one of the "
+                        f"formats {', '.join(FORMATS)}") from None
     except (OSError, ValueError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as exc:
-        # UnidentifiedImageError and truncated files are OSErrors too.
+        # Truncated files are OSErrors too.
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-        raise cli.Error(f"cannot read image {path}: {reason}") from None
+        raise cli.Error(f"cannot read image {cli.shown(path)}: {cli.shown(reason)}") from None
     return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).reshape(-1)
 
 
 def _open_image(path):
-    """The picture at `path` as a 32x32 RGB image (see `load_image`)."""
-    with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img)  # phone photos store their rotation in EXIF
-        if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
-            rgba = img.convert("RGBA")
-            img = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
-        return ImageOps.fit(img.convert("RGB"), utils.IMAGE_SHAPE[1:], Image.Resampling.LANCZOS)
+    """The picture at `path` as a 32x32 RGB image (see `load_image`).
+
+    A big picture is shrunk to about WORKING_SIDE pixels (JPEG while it is decoded) before
+    any conversion, so memory stays near one decoded copy of at most MAX_PIXELS pixels.
+    """
+    with cli.open_regular(path) as f, Image.open(f, formats=FORMATS) as img:
+        if img.width * img.height > MAX_PIXELS:
+            raise ValueError(f"{img.width}x{img.height} pixels, more than the {MAX_PIXELS} "
+                             f"this reads")
+        img.draft(img.mode, (WORKING_SIDE, WORKING_SIDE))  # JPEG: decode at 1/2 to 1/8
+        ImageOps.exif_transpose(img, in_place=True)  # phone photos store their rotation in EXIF
+        factor = min(img.size) // WORKING_SIDE
+        if factor >= 2 and img.mode in REDUCED_AS:  # not P or 1: their values are not levels
+            if REDUCED_AS[img.mode] != img.mode:
+                img = img.convert(REDUCED_AS[img.mode])
+            img = img.reduce(factor)
+        return ImageOps.fit(to_rgb(img), utils.IMAGE_SHAPE[1:], Image.Resampling.LANCZOS)
+
+
+def to_rgb(img):
+    """`img`, of any mode, as 8-bit RGB; transparent areas become white.
+
+    Integer greys of 16 bits (I;16...) and 32 bits (I, as Pillow opens most 16-bit files)
+    are divided by 257, so 65535 is white; float greys (F) are taken to lie in [0, 1] and
+    multiplied by 255. Values outside the range are clipped, NaN becomes black, and the
+    transparency of such greys is ignored.
+    """
+    if img.mode == "F" or img.mode.startswith("I"):
+        grey = np.array(img, dtype=np.float32)  # a copy, then scaled in place
+        grey *= np.float32(255 if img.mode == "F" else 1 / 257)
+        np.clip(np.nan_to_num(np.rint(grey, out=grey), copy=False), 0, 255, out=grey)
+        return Image.fromarray(grey.astype(np.uint8), "L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+    return img.convert("RGB")
 
 
 def classify_images(net, meta, paths, top=3):
     """Print the `top` most likely classes of each picture with their probabilities."""
     images = np.stack([load_image(path) for path in paths])
-    probs = utils.predict_proba(net, images, meta["mean"], meta["std"])
+    probs = utils.predict_proba(net, meta, images)
+    names = [cli.shown(name) for name in meta["class_names"]]
     for path, p in zip(paths, probs):
         best = np.argsort(p)[::-1][:top]
-        print(f"{path}: " + ", ".join(f"{meta['class_names'][k]} {p[k]:.3f}" for k in best))
+        print(f"{cli.shown(path)}: " + ", ".join(f"{names[k]} {p[k]:.3f}" for k in best))
 
 
 def evaluation_metrics(labels, predictions, class_names):
@@ -70,14 +113,15 @@ def evaluation_metrics(labels, predictions, class_names):
 
 
 def format_table(metrics):
-    """The per-class figures as an aligned text table."""
-    width = max(len("class"), *(len(name) for name in metrics["per_class"]))
-    lines = [f"{'class':<{width}}  accuracy  precision  recall  support"]
+    """The per-class figures as an aligned text table (class names escaped for the terminal)."""
+    names = {name: cli.shown(name) for name in metrics["per_class"]}
+    width = max(len("class"), *(len(name) for name in names.values()))
+    lines = [f"{'class':<{width}}  accuracy  precision  support"]
     for name, m in metrics["per_class"].items():
-        lines.append(f"{name:<{width}}  {m['accuracy']:8.4f}  {m['precision']:9.4f}  "
-                     f"{m['recall']:6.4f}  {m['support']:7d}")
-    lines.append("(accuracy is one-vs-rest: (TP+TN)/N; recall is the share of the class's "
-                 "images labelled correctly)")
+        lines.append(f"{names[name]:<{width}}  {m['accuracy']:8.4f}  {m['precision']:9.4f}  "
+                     f"{m['support']:7d}")
+    lines.append("(accuracy: the share of the class's images labelled correctly, i.e. recall; "
+                 "precision: the share of the images labelled as the class that belong to it)")
     return "\n".join(lines)
 
 
@@ -94,15 +138,15 @@ def main(argv=None):
 
     net, meta = model.load_checkpoint(args.model)
     if args.image:
-        if net.input_size != utils.PIXELS:
-            raise cli.Error(f"{args.model} takes {net.input_size} inputs per image, not "
-                            f"{utils.PIXELS} (32x32 RGB)")
+        if len(meta["mean"]) != utils.PIXELS:
+            raise cli.Error(f"{cli.shown(args.model)} takes {len(meta['mean'])} inputs per "
+                            f"image, not {utils.PIXELS} (32x32 RGB)")
         classify_images(net, meta, args.image)
         return 0
 
-    images, labels = utils.load_test_set(args.data_dir, net, args.model)
+    images, labels = utils.load_test_set(args.data_dir, net, meta, args.model)
     cli.writable_folder(args.out_dir)
-    probs = utils.predict_proba(net, images, meta["mean"], meta["std"], args.batch_size)
+    probs = utils.predict_proba(net, meta, images, args.batch_size)
     predictions = probs.argmax(axis=1)
     metrics = {"model": args.model, **evaluation_metrics(labels, predictions, meta["class_names"])}
     print(f"Test accuracy: {metrics['accuracy']:.4f}")
@@ -113,7 +157,7 @@ def main(argv=None):
     utils.plot_confusion(metrics["confusion"], meta["class_names"], paths[0])
     utils.plot_misclassified(images, labels, predictions, meta["class_names"], paths[1])
     cli.write_json(paths[2], metrics)
-    print("wrote " + ", ".join(paths))
+    print("wrote " + ", ".join(map(cli.shown, paths)))
     return 0
 
 

@@ -48,15 +48,22 @@ def learning_rate(config, t):
     return peak
 
 
-def evaluate(net, images, labels, mean, std):
+def evaluate(net, images, labels, prep, flip_average=False):
     """Mean cross-entropy and accuracy on uint8 images (no dropout, no smoothing)."""
-    log_probs = model.log_probabilities(net, images, mean, std)
+    log_probs = model.log_probabilities(net, images, prep, flip_average)
     return model.cross_entropy(log_probs, labels), float(np.mean(log_probs.argmax(1) == labels))
 
 
+def evaluate_flops(net, prep, n_images, flip_average=False):
+    """FLOPs of `evaluate` on `n_images` images."""
+    per_image = net.flops() + data_loader.preprocess_flops(prep)
+    return n_images * per_image * (2 if flip_average else 1)
+
+
 @np.errstate(over="ignore", invalid="ignore")  # divergence is detected and reported below
-def train_epoch(net, optimizer, images, labels, mean, std, config, epoch, rng, progress):
-    """One pass of minibatch SGD over shuffled, augmented images; returns loss, accuracy, lr.
+def train_epoch(net, optimizer, images, labels, prep, config, epoch, rng, progress):
+    """One pass of minibatch SGD over shuffled, augmented images; returns loss, accuracy, lr
+    and the FLOPs of its matrix products.
 
     The loss returned is the plain cross-entropy of the batches as they were trained on,
     comparable to the validation loss: it leaves out label smoothing and L2.
@@ -73,7 +80,7 @@ def train_epoch(net, optimizer, images, labels, mean, std, config, epoch, rng, p
         xb, yb = images[idx], labels[idx]
         if config["flip"] or config["translate"]:
             xb = data_loader.augment(xb, rng, config["flip"], config["translate"])
-        x = data_loader.normalize(xb, mean, std, out=buffer)
+        x = data_loader.preprocess(xb, prep, net.dtype, out=buffer)
         lr = learning_rate(config, epoch - 1 + step / steps)
         log_probs, cache = net.forward_pass(x, rng if config["dropout"] else None)
         loss = model.cross_entropy(log_probs, yb)
@@ -87,7 +94,8 @@ def train_epoch(net, optimizer, images, labels, mean, std, config, epoch, rng, p
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss_sum / (step + 1):.3f}",
                             acc=f"{correct / ((step + 1) * batch_size):.3f}")
-    return float(loss_sum / steps), float(correct / (steps * batch_size)), lr
+    flops = steps * batch_size * (net.flops(training=True) + data_loader.preprocess_flops(prep))
+    return float(loss_sum / steps), float(correct / (steps * batch_size)), lr, flops
 
 
 def check_fits(config, n_images):
@@ -105,13 +113,22 @@ def check_fits(config, n_images):
 
 def new_run():
     """The progress of a run before its first epoch, as the state file stores it."""
-    return {"epoch": 0, "history": [], "best_acc": -1.0, "best_epoch": 0, "stopped": None}
+    return {"epoch": 0, "history": [], "best_acc": -1.0, "best_epoch": 0, "stopped": None,
+            "flops": 0}
 
 
-def save_state(path, net, optimizer, rng, mean, std, config, run):
+def save_checkpoint(path, net, prep, config, arrays=None, **extra):
+    """best.npy, or with the optimiser's arrays the run state: all that inference needs."""
+    whitening = {} if prep.whitening is None else {"whitening": prep.whitening}
+    model.save_checkpoint(path, net, prep.mean, prep.std, data_loader.CLASS_NAMES, config,
+                          arrays={**whitening, **(arrays or {})},
+                          flip_average=config["flip_average"], **extra)
+
+
+def save_state(path, net, optimizer, rng, prep, config, run):
     """Write everything a resumed run needs after an epoch, atomically."""
-    model.save_checkpoint(path, net, mean, std, data_loader.CLASS_NAMES, config,
-                          arrays=optimizer.state(), run=run, rng=rng.bit_generator.state)
+    save_checkpoint(path, net, prep, config, optimizer.state(), run=run,
+                    rng=rng.bit_generator.state)
 
 
 def load_state(path, config, net, optimizer, rng):
@@ -169,9 +186,10 @@ def _train(config, data, on_epoch, progress, evaluate_test, verbose, resume):
     images, labels, test_images, test_labels = data
     x_train, y_train, x_val, y_val = data_loader.split_validation(
         images, labels, config["val_size"], config["seed"])
-    mean, std = data_loader.compute_stats(x_train)
-
-    net = model.ThreeLayerNN(x_train.shape[1], config["hidden_size"],
+    prep, prep_flops = data_loader.fit_preprocessing(x_train, config["whiten"],
+                                                     config["whiten_eps"])
+    inputs = x_train.shape[1] if prep.whitening is None else prep.whitening.shape[1]
+    net = model.ThreeLayerNN(inputs, config["hidden_size"],
                              len(data_loader.CLASS_NAMES), config["activation"], config["seed"],
                              np.dtype(config["dtype"]), config["dropout"])
     optimizer = optim.SGD(net.params, config["momentum"], config["nesterov"], config["reg"])
@@ -180,6 +198,7 @@ def _train(config, data, on_epoch, progress, evaluate_test, verbose, resume):
     path = {name: os.path.join(config["save_dir"], name)
             for name in (BEST_FILE, HISTORY_FILE, CURVES_FILE, STATE_FILE)}
     run = new_run()
+    run["flops"] = prep_flops
     verbose = progress if verbose is None else verbose
     say = (tqdm.write if progress else print) if verbose else (lambda message: None)
     if resume:
@@ -190,12 +209,13 @@ def _train(config, data, on_epoch, progress, evaluate_test, verbose, resume):
         while not run["stopped"] and run["epoch"] < config["epochs"]:
             epoch = run["epoch"] + 1
             start = time.perf_counter()
-            train_loss, train_acc, lr = train_epoch(net, optimizer, x_train, y_train, mean, std,
-                                                    config, epoch, rng, progress)
-            val_loss, val_acc = evaluate(net, x_val, y_val, mean, std)
+            train_loss, train_acc, lr, flops = train_epoch(net, optimizer, x_train, y_train,
+                                                           prep, config, epoch, rng, progress)
+            val_loss, val_acc = evaluate(net, x_val, y_val, prep, config["flip_average"])
+            run["flops"] += flops + evaluate_flops(net, prep, len(y_val), config["flip_average"])
             record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
                       "val_loss": val_loss, "val_acc": val_acc, "lr": lr,
-                      "seconds": time.perf_counter() - start}
+                      "tflop": run["flops"] / 1e12, "seconds": time.perf_counter() - start}
             improved = val_acc > run["best_acc"]
             run["epoch"] = epoch
             run["history"].append(record)
@@ -205,11 +225,11 @@ def _train(config, data, on_epoch, progress, evaluate_test, verbose, resume):
                 run["stopped"] = "early_stopping"
             with cli.signals_deferred():  # a signal now waits until the files are complete
                 if improved:
-                    model.save_checkpoint(path[BEST_FILE], net, mean, std,
-                                          data_loader.CLASS_NAMES, config, epoch=epoch,
-                                          val_acc=val_acc)
-                cli.write_json(path[HISTORY_FILE], {"config": config, "epochs": run["history"]})
-                save_state(path[STATE_FILE], net, optimizer, rng, mean, std, config, run)
+                    save_checkpoint(path[BEST_FILE], net, prep, config, epoch=epoch,
+                                    val_acc=val_acc)
+                cli.write_json(path[HISTORY_FILE], {"config": config, "training_tflop":
+                                                    run["flops"] / 1e12, "epochs": run["history"]})
+                save_state(path[STATE_FILE], net, optimizer, rng, prep, config, run)
             say(f"epoch {epoch:3d}  train loss {train_loss:.4f} acc {train_acc:.4f}  val loss "
                 f"{val_loss:.4f} acc {val_acc:.4f}  lr {lr:.4g}  {record['seconds']:.1f}s"
                 + ("  *best" if improved else ""))
@@ -224,14 +244,18 @@ def _train(config, data, on_epoch, progress, evaluate_test, verbose, resume):
         import utils  # matplotlib is loaded only when there is something to draw
         utils.plot_history(run["history"], path[CURVES_FILE])
 
-    test_acc = None
+    test_acc = test_acc_single = None
     if evaluate_test and run["best_epoch"]:
         best, meta = model.load_checkpoint(path[BEST_FILE])
-        test_acc = evaluate(best, test_images, test_labels, meta["mean"], meta["std"])[1]
+        test_acc = evaluate(best, test_images, test_labels, meta["prep"],
+                            meta["flip_average"])[1]
+        if meta["flip_average"]:  # reported with and without it
+            test_acc_single = evaluate(best, test_images, test_labels, meta["prep"])[1]
     return {"history": run["history"], "best_val_acc": run["best_acc"],
             "best_epoch": run["best_epoch"], "epochs_run": len(run["history"]),
             "stopped": "interrupted" if signum else run["stopped"] or "completed",
-            "signal": signum, "checkpoint": path[BEST_FILE], "test_acc": test_acc}
+            "signal": signum, "checkpoint": path[BEST_FILE], "test_acc": test_acc,
+            "test_acc_without_flip_average": test_acc_single, "tflop": run["flops"] / 1e12}
 
 
 def main(argv):
@@ -261,7 +285,11 @@ def main(argv):
           f"of {result['epochs_run']}, {result['stopped']}, {minutes:.1f} min)")
     print(f"Saved: {result['checkpoint']}, {HISTORY_FILE} and {CURVES_FILE} in "
           f"{config['save_dir']}")
+    print(f"Training compute: {result['tflop']:.1f} TFLOP")
     print(f"Test accuracy: {result['test_acc']:.4f}")
+    if result["test_acc_without_flip_average"] is not None:
+        print(f"Test accuracy without flip averaging: "
+              f"{result['test_acc_without_flip_average']:.4f}")
     if result["signal"]:
         again = " ".join(shlex.quote(a) for a in ["python", "train.py", *argv] if a != "--resume")
         sys.stderr.write(f"stopped after epoch {result['epochs_run']} of {config['epochs']}; "

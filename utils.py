@@ -30,9 +30,18 @@ MISCLASSIFIED_PNG = "misclassified.png"
 # --- metrics ----------------------------------------------------------------------------------
 
 
-def predict_proba(net, images, mean, std, batch_size=2000):
-    """Class probabilities of uint8 images, normalised batch by batch to bound memory."""
-    return np.exp(model.log_probabilities(net, images, mean, std, batch_size))
+def predict_proba(net, meta, images, batch_size=2000):
+    """Class probabilities of uint8 images, preprocessed as the checkpoint's `meta` says.
+
+    Refuses outputs that are not finite (a checkpoint with extreme weights or statistics)."""
+    with np.errstate(all="ignore"):  # overflow is reported below, in one line
+        probs = np.exp(model.log_probabilities(net, images, meta["prep"],
+                                               meta.get("flip_average"), batch_size))
+    if not np.isfinite(probs).all():
+        raise cli.Error("the model's outputs are not finite (NaN or infinity): its weights or "
+                        "normalisation statistics are too extreme for "
+                        f"{np.dtype(net.dtype).name} arithmetic")
+    return probs
 
 
 def confusion_matrix(labels, predictions, n_classes):
@@ -48,18 +57,16 @@ def confusion_matrix(labels, predictions, n_classes):
 
 
 def class_metrics(counts):
-    """Per-class one-vs-rest accuracy, precision, recall and support from a confusion matrix.
+    """Per-class accuracy (the share of the class's images labelled correctly, i.e. recall),
+    precision and support from a confusion matrix.
 
     A ratio whose denominator is zero (a class never predicted, or absent) is 0.
     """
     counts = np.asarray(counts, dtype=np.int64)
-    n = counts.sum()
     tp = np.diag(counts)
     predicted, support = counts.sum(axis=0), counts.sum(axis=1)
-    tn = n - predicted - support + tp
     ratio = lambda a, b: np.divide(a, b, out=np.zeros(len(a)), where=b > 0)
-    return {"accuracy": ratio(tp + tn, np.full(len(tp), n)), "precision": ratio(tp, predicted),
-            "recall": ratio(tp, support), "support": support}
+    return {"accuracy": ratio(tp, support), "precision": ratio(tp, predicted), "support": support}
 
 
 # --- figures ----------------------------------------------------------------------------------
@@ -163,24 +170,40 @@ def plot_misclassified(images, labels, predictions, class_names, path, n=32):
 # --- command line -----------------------------------------------------------------------------
 
 
+MAX_HISTORY_BYTES = 64 << 20
+
+
+def _is_record(record):
+    """Whether `record` is an epoch record that plot_history can draw."""
+    return (isinstance(record, dict) and type(record.get("epoch")) is int
+            and 0 < record["epoch"] <= 10**6
+            and all(record.get(key) is None or type(record[key]) in (int, float)
+                    for key in ("train_loss", "val_loss", "train_acc", "val_acc", "lr")))
+
+
 def load_history(path):
-    """The epoch records of a history.json written by train.py."""
+    """The epoch records (a list of dicts) of a history.json written by train.py."""
     try:
-        with open(path) as f:
-            return json.load(f)["epochs"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise cli.Error(f"cannot read training history {path}: {exc}") from None
+        with cli.open_regular(path, MAX_HISTORY_BYTES) as f:
+            records = json.load(f)["epochs"]
+        if not (isinstance(records, list) and all(map(_is_record, records))):
+            raise ValueError("'epochs' is not a list of records of numbers, numbered from 1")
+        return records
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise cli.Error(f"cannot read training history {cli.shown(path)}: "
+                        f"{cli.shown(reason)}") from None
 
 
-def load_test_set(data_dir, net, model_path):
+def load_test_set(data_dir, net, meta, model_path):
     """The CIFAR-10 test images and labels, refused if they do not fit the network."""
     _, _, images, labels = data_loader.load_data(data_dir)
-    if images.shape[1] != net.input_size:
-        raise cli.Error(f"{model_path} takes {net.input_size} inputs per image but the images "
-                        f"in {data_dir} have {images.shape[1]}")
-    if len(labels) and labels.max() >= net.output_size:
-        raise cli.Error(f"{model_path} has {net.output_size} classes but the labels in "
-                        f"{data_dir} go up to {labels.max()}")
+    if images.shape[1] != len(meta["mean"]):
+        raise cli.Error(f"{cli.shown(model_path)} takes {len(meta['mean'])} inputs per image but "
+                        f"the images in {cli.shown(data_dir)} have {images.shape[1]}")
+    if net.output_size != data_loader.N_CLASSES:  # else a confusion matrix of classes squared
+        raise cli.Error(f"{cli.shown(model_path)} has {net.output_size} classes, not the "
+                        f"{data_loader.N_CLASSES} of CIFAR-10")
     return images, labels
 
 
@@ -216,16 +239,17 @@ def main(argv=None):
 
     def draw(plot, name, *plot_args):
         plot(*plot_args, os.path.join(out_dir, name))
-        print(f"wrote {os.path.join(out_dir, name)}")
+        print(f"wrote {cli.shown(os.path.join(out_dir, name))}")
 
-    draw(plot_weights, WEIGHTS_PNG, net.w1)
+    whitening = meta["prep"].whitening  # first-layer weights as seen from the pixels
+    draw(plot_weights, WEIGHTS_PNG, net.w1 if whitening is None else whitening @ net.w1)
     history = os.path.join(os.path.dirname(os.path.abspath(args.model)), "history.json")
     if os.path.exists(history):
         draw(plot_history, CURVES_PNG, load_history(history))
     else:
-        print(f"no {history}: skipping the training curves")
-    images, labels = load_test_set(args.data_dir, net, args.model)
-    predictions = predict_proba(net, images, meta["mean"], meta["std"], args.batch_size).argmax(1)
+        print(f"no {cli.shown(history)}: skipping the training curves")
+    images, labels = load_test_set(args.data_dir, net, meta, args.model)
+    predictions = predict_proba(net, meta, images, args.batch_size).argmax(1)
     counts = confusion_matrix(labels, predictions, net.output_size)
     draw(plot_confusion, CONFUSION_PNG, counts, meta["class_names"])
     draw(plot_misclassified, MISCLASSIFIED_PNG, images, labels, predictions, meta["class_names"])

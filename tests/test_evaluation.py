@@ -75,15 +75,13 @@ def loop_metrics(labels, predictions, n_classes):
         counts[y][p] += 1
     rows = []
     for k in range(n_classes):
-        tp = fp = fn = tn = 0
+        tp = fp = fn = 0
         for y, p in zip(labels, predictions):
             tp += y == k and p == k
             fp += y != k and p == k
             fn += y == k and p != k
-            tn += y != k and p != k
-        rows.append({"accuracy": (tp + tn) / len(labels),
-                     "precision": tp / (tp + fp) if tp + fp else 0.0,
-                     "recall": tp / (tp + fn) if tp + fn else 0.0, "support": tp + fn})
+        rows.append({"accuracy": tp / (tp + fn) if tp + fn else 0.0,  # per class: recall
+                     "precision": tp / (tp + fp) if tp + fp else 0.0, "support": tp + fn})
     return counts, rows
 
 
@@ -105,7 +103,7 @@ def test_metrics_match_an_independent_count():
     assert metrics["accuracy"] == pytest.approx(np.mean(labels == predictions))
     for name, row in zip(names, rows):
         assert metrics["per_class"][name] == pytest.approx(row)
-    assert metrics["per_class"]["d"]["recall"] == 0 and metrics["per_class"]["e"]["precision"] == 0
+    assert metrics["per_class"]["d"]["accuracy"] == 0 and metrics["per_class"]["e"]["precision"] == 0
     json.dumps(metrics, allow_nan=False)  # plain JSON types, no NaN
 
 
@@ -173,7 +171,7 @@ def test_evaluation_prints_the_accuracy_of_its_confusion_matrix(cifar, tmp_path,
     for name, row in zip(data_loader.CLASS_NAMES, rows):
         assert metrics["per_class"][name] == pytest.approx(row)
         assert re.search(rf"^{name}\s+{row['accuracy']:.4f}\s+{row['precision']:.4f}\s+"
-                         rf"{row['recall']:.4f}\s+{row['support']}$", out, re.M), out
+                         rf"{row['support']}$", out, re.M), out
     assert metrics["model"] == str(path)
     assert_png(out_dir / "confusion_matrix.png")
     assert_png(out_dir / "misclassified.png")

@@ -170,6 +170,9 @@ def test_a_finished_run_resumed_reports_its_result(data_dir, tmp_path):
     assert code == 0, err
     assert_same(outcome(tmp_path, out), before)
     assert "resuming" in out and "epoch   1" not in out  # no epoch was trained again
+    # The state is a checkpoint too: test.py can score the last epoch's weights.
+    net, meta = model.load_checkpoint(tmp_path / train.STATE_FILE)
+    assert meta["run"]["epoch"] == 8 and net.hidden_size == (48, 24)
 
 
 def test_resume_refuses_other_options_no_state_and_a_bad_state(data_dir, tmp_path):

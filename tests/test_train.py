@@ -73,7 +73,7 @@ def test_training_learns_and_writes_everything(tmp_path):
     history = json.loads((tmp_path / "history.json").read_text())
     assert [r["epoch"] for r in history["epochs"]] == [1, 2, 3, 4]
     assert set(history["epochs"][0]) == {"epoch", "train_loss", "train_acc", "val_loss",
-                                        "val_acc", "lr", "seconds"}
+                                        "val_acc", "lr", "tflop", "seconds"}
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     net, meta = model.load_checkpoint(tmp_path / "best.npy")
     assert meta["config"]["hidden_size"] == [32, 16] and meta["epoch"] == result["best_epoch"]
@@ -89,7 +89,7 @@ def test_checkpoint_holds_the_best_epoch_not_the_last(tmp_path, monkeypatch):
     assert result["best_epoch"] == 1 + int(np.argmax(accs)) <= 2 and accs[-1] < max(accs)
     net, meta = model.load_checkpoint(tmp_path / "best.npy")
     _, _, x_val, y_val = train.data_loader.split_validation(data[0], data[1], 100, 0)
-    loss, acc = train.evaluate(net, x_val, y_val, meta["mean"], meta["std"])
+    loss, acc = train.evaluate(net, x_val, y_val, meta["prep"])
     assert acc == max(accs) and meta["epoch"] == result["best_epoch"]
 
 
@@ -185,3 +185,40 @@ def test_every_option_is_declared_once_and_reaches_the_command_line(capsys):
             low = float(option.range[1:].split(",")[0])
             with pytest.raises(train.cli.Error, match=f"--{key.replace('_', '-')}"):
                 cfg.make_config(**{key: type(option.default)(low - 1)})
+
+
+def test_training_compute_is_counted_in_closed_form(tmp_path):
+    """2 x the multiply-adds of every matrix product: forward and backward of each step (no
+    input gradient at the first layer) and the forward pass of each validation image."""
+    config = small_config(tmp_path, epochs=3)  # 500 training images, batches of 50, 100 held out
+    result = train.train(config, synthetic_data(), progress=False)
+    d, (h1, h2), c = 3072, config["hidden_size"], 10
+    macs = d * h1 + h1 * h2 + h2 * c
+    per_epoch = 500 * (6 * macs - 2 * d * h1) + 100 * 2 * macs
+    assert result["tflop"] * 1e12 == pytest.approx(3 * per_epoch, rel=1e-12)
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert history["training_tflop"] == result["tflop"]
+    # Whitening adds its covariance product and one projection per image seen; flip
+    # averaging doubles each validation pass.
+    config = small_config(tmp_path / "w", epochs=1, whiten=40, flip_average=True)
+    result = train.train(config, synthetic_data(), progress=False)
+    k = 40
+    macs = k * h1 + h1 * h2 + h2 * c
+    m = k + 64  # leading_eigenvectors' block: 4 iterations, then the small problem
+    fit = 2 * 500 * d * d + 2 * d * d * m * 6 + 2 * d * m * (m + k)
+    expected = (fit + 500 * (6 * macs - 2 * k * h1 + 2 * d * k)
+                + 2 * 100 * (2 * macs + 2 * d * k))
+    assert result["tflop"] * 1e12 == pytest.approx(expected, rel=1e-12)
+
+
+def test_benchmark_prints_both_configurations_and_where_the_time_goes(capsys):
+    import benchmark
+
+    assert benchmark.main(["--hidden-size", "8", "--batch-size", "16", "--n-images", "64",
+                           "--epochs", "1", "--no-torch", "--profile"]) == 0
+    out = capsys.readouterr().out
+    assert "matmul peak:" in out and "of peak" in out
+    header = next(line for line in out.splitlines() if "report" in line and "default" in line)
+    assert header.split() == ["report", "default"]
+    for name in ("affine_forward", "affine_backward", "step", "augment", "normalize"):
+        assert name in out
