@@ -109,8 +109,8 @@ def load_space_file(path):
     """The search space in a JSON file: {"lr": [0.01, 0.05], "reg": {"low": 1e-4, "high":
     1e-2, "log": true}, "hidden_size": [256, [512, 256]], "activation": "relu,tanh"}."""
     try:
-        with open(path, encoding="utf-8") as f:
-            spec = json.load(f)
+        with cli.open_regular(path, max_bytes=1 << 20) as f:  # not a FIFO: it would hang
+            spec = json.loads(f.read().decode("utf-8"))
     except OSError as exc:
         raise cli.Error(f"cannot read --space-file {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
@@ -874,7 +874,7 @@ def top_table(study, plan):
 
 
 def _fmt(value):
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    return f"{value:.4g}" if isinstance(value, float) else cli.shown(value)
 
 
 def summary(study):

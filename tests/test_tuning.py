@@ -194,6 +194,12 @@ def test_a_bad_space_file_is_one_clear_error(tmp_path, data_dir, content, messag
         search(tmp_path / "out", data_dir, "--space-file", str(tmp_path / "space.json"))
 
 
+def test_a_fifo_as_space_file_is_refused_not_waited_on(tmp_path, data_dir):
+    os.mkfifo(tmp_path / "space.json")
+    with pytest.raises(cli.UsageError, match="cannot read --space-file .*not a regular file"):
+        search(tmp_path / "out", data_dir, "--space-file", str(tmp_path / "space.json"))
+
+
 # --- whole searches ---------------------------------------------------------------------------
 
 
