@@ -330,7 +330,10 @@ def test_extra_arrays_of_a_run_state_are_bounded_by_their_shapes(tmp_path):
                           arrays={"velocity_w1": np.zeros((1000, 1000), np.float32)})
     with pytest.raises(model.CheckpointError, match="velocity_w1 .* more than the 480"):
         model.load_checkpoint(path, extra_arrays={"velocity_w1": (12, 5)})
-    with pytest.raises(model.CheckpointError, match="unknown members velocity_w1"):
+    model.load_checkpoint(path)  # a state is a checkpoint too (velocities bounded as weights)
+    model.save_checkpoint(path, net, np.zeros(12), np.ones(12), ["a", "b", "c"], {},
+                          arrays={"momentum_w1": np.zeros((12, 5), np.float32)})
+    with pytest.raises(model.CheckpointError, match="unknown members momentum_w1"):
         model.load_checkpoint(path)
 
 

@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TMP_NAME = re.compile(r"^\..+\.tmp$")  # atomic_write's temporary files: hidden, never loaded
 # Tiny training runs: 100 synthetic images, 20 held out, batches of 10, 8 hidden units.
 TINY = ["--epochs", "2", "--hidden-size", "8", "--val-size", "20", "--batch-size", "10",
-        "--warmup-epochs", "0", "--translate", "0"]
+        "--warmup-epochs", "0", "--translate", "0", "--whiten", "0", "--flip-average", "false"]
 
 
 evaluate = load_script("test")

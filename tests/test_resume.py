@@ -21,9 +21,11 @@ from conftest import ROOT, make_cifar_dir
 
 pytestmark = pytest.mark.timeout(240)
 
-# Dropout, flips and shifts draw from the random state, so a resume must restore it exactly.
+# Dropout, flips and shifts draw from the random state, so a resume must restore it exactly;
+# whitening (a little of it, to stay quick) and flip averaging are the default recipe's.
 RUN = ["--epochs", "8", "--hidden-size", "48", "24", "--val-size", "40", "--batch-size", "20",
-       "--warmup-epochs", "1", "--translate", "1", "--dropout", "0.1", "--no-progress"]
+       "--warmup-epochs", "1", "--translate", "1", "--dropout", "0.1", "--whiten", "16",
+       "--flip-average", "true", "--no-progress"]
 
 # Runs train.py, but SIGKILLs itself at its Nth fsync: inside an atomic write, after the
 # temporary file is complete and before it replaces the old one (or just after a rename).

@@ -26,7 +26,7 @@ def synthetic_data(n_train=600, n_test=200, seed=0):
 
 def small_config(tmp_path, **overrides):
     base = dict(hidden_size=[32, 16], epochs=4, batch_size=50, lr=0.02, warmup_epochs=0.5,
-                val_size=100, save_dir=str(tmp_path), translate=1)
+                val_size=100, save_dir=str(tmp_path), translate=1, whiten=0, flip_average=False)
     return cfg.make_config(**{**base, **overrides})
 
 

@@ -31,7 +31,7 @@ from conftest import CLASS_NAMES, FOLDER, TRAIN_FILES, batch_bytes
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                       "hyperparam_tuning.py")
 # Tiny, fast trials: 250 training and 50 validation images, a few epochs.
-TINY = ["--val-size", "50", "--batch-size", "50", "--preset", "fast"]
+TINY = ["--val-size", "50", "--batch-size", "50", "--preset", "fast", "--whiten", "0"]
 
 
 def tiny(args):
