@@ -1,42 +1,29 @@
 """Search train.py's options with Optuna: a grid (each combination once), random or TPE.
 
     python hyperparam_tuning.py                       # the default grid: lr x hidden x reg x act
-    python hyperparam_tuning.py --space lr=0.02,0.05 hidden_size=256,512x256 --epochs 5
     python hyperparam_tuning.py --sampler tpe --space lr=1e-3:0.1:log reg=1e-5:1e-2:log \\
         --n-trials 30 --pruner median --workers 2
     python hyperparam_tuning.py --storage postgresql+psycopg2://user@host/db   # on each machine
 
-Each trial is one train.train() run in <out-dir>/trial_<n>/. The same command run again
-resumes the study. Results in <out-dir>: trials.json, trials.csv, best_result.json, best.npy
-and the plots.
+Each trial is one train.train() run in <out-dir>/trial_<n>/; the same command run again
+resumes the study. Results in <out-dir>: trials.json/.csv, best_result.json, best.npy, plots.
 
 How workers share a study (for maintainers)
-- Storage: an Optuna journal file or PostgreSQL, nothing else: other databases hand out
-  queued trials non-atomically.
-- The claim lock (an flock on <journal>.claim, or a PostgreSQL advisory lock on the study
-  name, shared by every machine) is held while a worker opens the study, retires dead
-  trials, queues missing grid points, checks the budget, asks for a trial and records itself
-  in it. So no grid point and no slot of the budget is ever taken twice.
-- Liveness: each worker holds a token for its whole life, an flock on
-  <journal>.workers/<uuid> or an advisory lock on the uuid, which the kernel or the server
-  drops when the process dies, whatever its host, container or PID namespace. A RUNNING
-  trial is dead exactly when its token can be taken (or it has none: its worker died before
-  letting go of the claim lock). A dead trial is failed as interrupted and run again in its
-  own folder, continuing from its last epoch. A trial retired while its worker still runs
-  (a dropped database session) is reported at tell, not a crash.
-- Failures: one of the configuration (divergence, a bad value) is final. One of the machine
-  (an OSError while writing, e.g. a full disk) or a signal marks the trial interrupted, to be
-  rerun, and stops the worker.
-- The journal: an unfinished last line (a full disk, a power cut) is moved to
-  <journal>.torn before the next append, under the journal's own write lock.
-- Seeds: each trial's sampler seed derives from (--sampler-seed, worker, trials in the
-  study), so a resumed or parallel seeded search draws new points, reproducibly.
-- Signals: the first SIGINT, SIGTERM or SIGHUP raises cli.Stopped in the main thread; the
-  parent passes it on to its workers. A relay thread re-sends to the main thread a signal
-  that landed on another thread (CPython may not look at it for seconds), and SIGTERM when
-  the parent is gone. A flag checked every epoch covers an exception CPython dropped.
-- Folders: the parent holds --out-dir (cli.folder_lock); its trials.json names the one
-  study whose trial folders it holds.
+- Storage: a journal file or PostgreSQL only; other databases hand out queued trials
+  non-atomically. The journal's write lock moves a torn last line to <journal>.torn.
+- The claim lock (an flock on <journal>.claim, or an advisory lock on the study name) is
+  held while a worker retires dead trials, queues missing grid points, checks the budget,
+  asks for a trial and records itself in it: no grid point or budget slot is taken twice.
+- Liveness: each worker holds a token for life (an flock on <journal>.workers/<uuid>, or
+  an advisory lock), dropped by the kernel or server when it dies, on any host or PID
+  namespace. A RUNNING trial whose token can be taken (or has none) is failed as
+  interrupted and rerun in its own folder from its last epoch. A trial retired while its
+  worker still runs (a dropped database session) is reported at tell, not a crash.
+- Failures of the configuration (divergence, a bad value) are final; those of the machine
+  (an OSError while writing) or a signal leave the trial to rerun and stop the worker.
+- Seeds derive from (--sampler-seed, worker, trials in the study): resumes draw new points.
+- Signals: cli.stop_on_signals; the parent passes a signal on to its workers, which also
+  stop when the parent is gone. trials.json names the one study an --out-dir holds.
 """
 import argparse
 import contextlib
@@ -47,11 +34,9 @@ import json
 import multiprocessing
 import os
 import re
-import select
 import signal
 import socket
 import sys
-import threading
 import time
 import uuid
 import warnings
@@ -79,7 +64,6 @@ TRAIN_OPTIONS = {k: v for k, v in cfg.DEFAULT_CONFIG.items() if k != "save_dir"}
 BLAS_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 MAX_WORKERS = 4 * CORES
-STOP_SIGNALS = (signal.SIGINT, *cli.STOP_SIGNALS)
 TOKEN = re.compile(r"[0-9a-f]{32}")
 FILES = {"json": "trials.json", "csv": "trials.csv", "best": "best_result.json",
          "model": "best.npy", "history": "optimization_history.png",
@@ -592,7 +576,7 @@ class Worker:
     def claim(self):
         """The next trial, taken under the claim lock; None when no work is left."""
         deadline = self.plan["deadline"]
-        if _stopping or (deadline and time.time() >= deadline):
+        if cli.stop_signal or (deadline and time.time() >= deadline):
             return None
         with self.store.claim_lock():
             trials = self.prepare()
@@ -617,8 +601,8 @@ class Worker:
         save_dir, state, value, why, stop, result = trial_folder(plan, trial), None, None, "", None, {}
 
         def on_epoch(record):
-            if _stopping:  # a signal whose exception got lost (it can be, in an import)
-                raise cli.Stopped(_stopping)
+            if cli.stop_signal:  # a signal whose exception CPython dropped
+                raise cli.Stopped(cli.stop_signal)
             records.append(record)
             trial.report(record["val_acc"], record["epoch"])
             if trial.should_prune():
@@ -689,39 +673,7 @@ def blas_threads(workers):
     return threads
 
 
-_stopping = 0  # the first signal: no new trial, no new epoch
-
-
-def _on_signal(signum, frame):
-    """Stop as Ctrl-C does, once: a second signal must not cut short the recording of the
-    first. The flag stays, since CPython can drop the exception (e.g. inside an import)."""
-    global _stopping
-    if not _stopping:
-        _stopping = signum
-        raise cli.Stopped(signum)
-
-
-def catch_interrupts(parent=None):
-    """Stop cleanly on SIGINT, SIGTERM or SIGHUP (unless ignored), and when `parent` dies."""
-    for signum in STOP_SIGNALS:
-        if signal.getsignal(signum) is not signal.SIG_IGN:
-            signal.signal(signum, _on_signal)
-    read, write = os.pipe()
-    os.set_blocking(write, False)
-    signal.set_wakeup_fd(write)
-    threading.Thread(target=_relay, args=(read, parent), daemon=True).start()
-
-
-def _relay(read, parent):
-    """Pass the first signal on to the main thread, or SIGTERM once the parent is gone (kill -9
-    tells no one). A signal that lands on another thread (BLAS, tqdm) sets a flag that CPython
-    may not look at for seconds; one sent to the main thread is acted on at once."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    while not select.select([read], [], [], 0.5)[0]:
-        if parent and os.getppid() != parent:
-            signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
-            return
-    signal.pthread_kill(threading.main_thread().ident, os.read(read, 1)[0])
+catch_interrupts = cli.stop_on_signals  # a name the tests can stub
 
 
 def worker_main(plan, index):
@@ -895,8 +847,8 @@ def summary(study):
 
 
 def optuna_plot(draw, path):
-    """Save the Axes that `draw(optuna.visualization.matplotlib)` returns; Optuna's pyplot
-    figure and style stay inside (the Agg backend: no window, no display)."""
+    """Save the plot `draw(optuna.visualization.matplotlib)` returns (Axes or an array of
+    them), with Optuna's style kept inside an rc_context; no display needed."""
     import matplotlib
     matplotlib.use("agg")
     import matplotlib.pyplot as plt
@@ -904,15 +856,15 @@ def optuna_plot(draw, path):
     import utils
     with matplotlib.rc_context(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Optuna's matplotlib plots are "experimental"
-        ax = draw(plots)
+        figure = np.ravel(draw(plots))[0].figure
         try:
-            utils.save_figure(ax.figure, path)
+            utils.save_figure(figure, path)
         finally:
-            plt.close(ax.figure)
+            plt.close(figure)
 
 
-def plot_search_history(study, path):
-    """Optuna's optimisation history: each trial's validation accuracy and the best so far."""
+def plot_history(study, path):
+    """Each trial's validation accuracy and the best so far, trials numbered as integers."""
     from matplotlib.ticker import MaxNLocator
 
     def draw(plots):
@@ -923,8 +875,8 @@ def plot_search_history(study, path):
 
 
 def plot_importance(study, path):
-    """Optuna's parameter importances, by PED-ANOVA named here (Optuna 4's default, fANOVA,
-    needs scikit-learn); returns the importances and why there are none."""
+    """Parameter importances by PED-ANOVA, named here (Optuna 4's default, fANOVA, needs
+    scikit-learn); returns the importances and why there are none."""
     evaluator = optuna.importance.PedAnovaImportanceEvaluator()
     try:
         with warnings.catch_warnings():
@@ -940,54 +892,26 @@ def plot_importance(study, path):
 
 
 def plot_top_pair(study, plan, importances):
-    """Validation accuracy over the two most important searched parameters that varied (or
-    the one), best per point, in val_acc_<a>_<b>.png; older such plots are removed."""
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import NullFormatter
-    import utils
+    """Validation accuracy against the two most important searched parameters that varied
+    (or the one), in val_acc_<a>_<b>.png; older such plots are removed."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     varied = [k for k in plan["space"] if len({str(t.params.get(k)) for t in complete}) > 1]
-    top = sorted(varied, key=lambda k: -importances.get(k, 0))[:2]
-    names = [k for k in plan["space"] if k in top]
+    names = sorted(varied, key=lambda k: -importances.get(k, 0))[:2]
     path = os.path.join(plan["out_dir"], f"val_acc_{'_'.join(names)}.png")
     for old in os.listdir(plan["out_dir"]):
         if re.fullmatch(r"val_acc_.*\.png", old) and old != os.path.basename(path):
             os.remove(os.path.join(plan["out_dir"], old))
-    if not names:
-        return None
-    cells = {}
-    for t in complete:
-        point = tuple(t.params[k] for k in names)
-        cells[point] = max(cells.get(point, -1.0), t.value)
-    accs = list(cells.values())
-    x, y = ([p[i] if _is_number(p[i]) else str(p[i]) for p in cells] for i in (0, -1))
-    y = y if len(names) == 2 else accs
-    fig = Figure(figsize=(6.5, 4.8), layout="constrained")
-    ax = fig.subplots()
-    points = ax.scatter(x, y, c=accs, s=250, cmap="viridis", edgecolors="black")
-    for at, acc in zip(zip(x, y), accs):
-        ax.annotate(f"{acc:.3f}", at, textcoords="offset points", xytext=(0, 11), ha="center",
-                    fontsize=8)
-    for name, values in (("x", x), ("y", y if len(names) == 2 else [])):
-        if values and all(_is_number(v) and v > 0 for v in values) and max(values) >= 10 * min(values):
-            ax.set(**{f"{name}scale": "log"})  # values spanning a decade or more, such as lr
-            getattr(ax, f"{name}axis").set_minor_formatter(NullFormatter())
-    ax.set(xlabel=names[0], ylabel=names[1] if len(names) == 2 else "validation accuracy",
-           title="Best validation accuracy over " + " and ".join(names))
-    fig.colorbar(points, ax=ax, label="validation accuracy")
-    utils.save_figure(fig, path)
-    return path
-
-
-def _is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if names:
+        optuna_plot(lambda plots: plots.plot_slice(
+            study, params=names, target_name="validation accuracy"), path)
+    return path if names else None
 
 
 def report(study, plan):
     """Write every output file, then print the top-k table and where things are."""
     write_tables(study, plan)
     best = write_best(study, plan)
-    plot_search_history(study, os.path.join(plan["out_dir"], FILES["history"]))
+    plot_history(study, os.path.join(plan["out_dir"], FILES["history"]))
     importances, why_not = plot_importance(study, os.path.join(plan["out_dir"], FILES["importance"]))
     pair = plot_top_pair(study, plan, importances)
     print(f"\nStudy {plan['study_name']!r}: {summary(study)}")
@@ -1028,21 +952,6 @@ def status_line(study, plan):
 # --- command line -----------------------------------------------------------------------------
 
 
-def _bounded(kind, low, high=None):
-    """An argparse type: a number of `kind` (int or float) from low to high."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}"
-                                             f", got {text!r}") from None
-        if not low <= value <= (high or sys.float_info.max):  # nan and inf fail too
-            bounds = f"in [{low}, {high}]" if high else "positive" if low > 0 else ">= 0"
-            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
-        return value
-    return parse
-
-
 def _study_name(text):
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", text):
         raise argparse.ArgumentTypeError("use letters, digits, '.', '_' and '-'")
@@ -1067,19 +976,19 @@ def build_parser():
                         '1e-2, "log": true}}; --space items override its keys')
     s.add_argument("--sampler", choices=SAMPLERS, default="grid",
                    help="grid: each combination exactly once; random; tpe")
-    s.add_argument("--n-trials", type=_bounded(int, 1), metavar="N",
+    s.add_argument("--n-trials", type=cli.bounded(int, 1), metavar="N",
                    help="trials in the whole study, counting those of earlier runs (default: "
                         "the whole grid; 20 for random and tpe unless --timeout is given)")
-    s.add_argument("--timeout", type=_bounded(float, 1e-9), metavar="SECONDS",
+    s.add_argument("--timeout", type=cli.bounded(float, 1e-9), metavar="SECONDS",
                    help="start no trial after this many seconds of this run")
     s.add_argument("--pruner", choices=PRUNERS, default="none",
                    help="stop poor trials early on their per-epoch validation accuracy: "
                         "median or successive halving")
-    s.add_argument("--prune-startup", type=_bounded(int, 0), default=5, metavar="N",
+    s.add_argument("--prune-startup", type=cli.bounded(int, 0), default=5, metavar="N",
                    help="median: complete trials before any pruning")
-    s.add_argument("--prune-warmup", type=_bounded(int, 0), default=1, metavar="EPOCHS",
+    s.add_argument("--prune-warmup", type=cli.bounded(int, 0), default=1, metavar="EPOCHS",
                    help="epochs every trial runs before it may be pruned")
-    s.add_argument("--workers", type=_bounded(int, 1, MAX_WORKERS), default=1, metavar="N",
+    s.add_argument("--workers", type=cli.bounded(int, 1, MAX_WORKERS), default=1, metavar="N",
                    help=f"local worker processes, at most {MAX_WORKERS} (4 per core); each "
                         "gets cores/N BLAS threads")
     s.add_argument("--storage", metavar="URL_OR_FILE",
@@ -1090,9 +999,9 @@ def build_parser():
                    help="the study to create or resume")
     s.add_argument("--out-dir", metavar="DIR",
                    help="trials and results, one study per folder (default: results/STUDY_NAME)")
-    s.add_argument("--top-k", type=_bounded(int, 1), default=10, metavar="K",
+    s.add_argument("--top-k", type=cli.bounded(int, 1), default=10, metavar="K",
                    help="rows of the printed table")
-    s.add_argument("--sampler-seed", type=_bounded(int, 0, 2**32 - 1), metavar="N",
+    s.add_argument("--sampler-seed", type=cli.bounded(int, 0, 2**32 - 1), metavar="N",
                    help="seed of the random and tpe samplers, 0 to 2**32-1; each trial's seed "
                         "derives from it, the worker and the trials so far")
     s.add_argument("--preset", choices=sorted(cfg.PRESETS), default=DEFAULT_PRESET,
