@@ -105,17 +105,14 @@ def load_space_file(path):
         raise cli.Error(f"--space-file {path} is not valid JSON: {exc}") from None
     if not isinstance(spec, dict):
         raise cli.Error(f"--space-file {path} must hold a JSON object of key: values")
-    return {space_key(name): parse_param(space_key(name), _as_text(space_key(name), value, path))
-            for name, value in spec.items()}
+    return parse_space(f"{name}={_as_text(name, value, path)}" for name, value in spec.items())
 
 
-def _as_text(key, value, path):
+def _as_text(name, value, path):
     """A JSON value of a space file in the --space syntax."""
-    if isinstance(value, str):
-        return value
     if isinstance(value, dict):
         if set(value) - {"low", "high", "log"} or not {"low", "high"} <= set(value):
-            raise cli.Error(f"--space-file {path}: {key} must be a list of values or "
+            raise cli.Error(f"--space-file {path}: {name} must be a list of values or "
                             f'{{"low": .., "high": .., "log": true|false}}')
         return f"{value['low']}:{value['high']}" + (":log" if value.get("log") else "")
 
@@ -123,7 +120,6 @@ def _as_text(key, value, path):
         if isinstance(v, list):
             return "x".join(str(h) for h in v)
         return str(v).lower() if isinstance(v, bool) else str(v)
-
     return ",".join(text(v) for v in (value if isinstance(value, list) else [value]))
 
 
@@ -235,18 +231,11 @@ def make_plan(args):
     out_dir = args.out_dir or os.path.join("results", args.study_name)
     storage = args.storage or os.path.join(out_dir, "study.journal")
     check_storage(storage)
-    n_trials = args.n_trials
-    if args.sampler != "grid" and n_trials is None and args.timeout is None:
-        n_trials = 20
-    return {
-        "study_name": args.study_name, "out_dir": out_dir, "storage": storage,
-        "sampler": args.sampler, "sampler_seed": args.sampler_seed, "space": space,
-        "preset": args.preset, "fixed": fixed, "base": base, "n_trials": n_trials,
-        "deadline": time.time() + args.timeout if args.timeout else None,
-        "pruner": args.pruner, "prune_startup": args.prune_startup,
-        "prune_warmup": args.prune_warmup, "workers": args.workers, "top_k": args.top_k,
-        "data_dir": base["data_dir"], "parent_pid": None,
-    }
+    default_budget = args.sampler != "grid" and args.timeout is None
+    return {**vars(args), "out_dir": out_dir, "storage": storage, "space": space,
+            "fixed": fixed, "base": base, "n_trials": args.n_trials or (20 if default_budget else None),
+            "deadline": time.time() + args.timeout if args.timeout else None,
+            "data_dir": base["data_dir"], "parent_pid": None}
 
 
 def _check_values(preset, fixed, space):
@@ -294,12 +283,15 @@ def search_signature(plan):
 # --- storages: locks and worker tokens --------------------------------------------------------
 
 
-@contextlib.contextmanager
-def flocked(path):
-    """An exclusive flock on `path` (created if needed), which dies with the process."""
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield f
+def flocked(path, wait=True):
+    """`path` (created if needed) open and holding an exclusive flock, which dies with the
+    process; None if another holds it and `wait` is False."""
+    f = open(path, "ab")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        return f
+    except BlockingIOError:
+        f.close()
 
 
 class JournalLock:
@@ -309,8 +301,7 @@ class JournalLock:
         self.journal, self._file = journal, None
 
     def acquire(self):
-        self._file = open(self.journal, "ab")  # Optuna's own lock is a symlink: no clash
-        fcntl.flock(self._file, fcntl.LOCK_EX)
+        self._file = flocked(self.journal)  # Optuna's own lock is a symlink: no clash
         mend_journal(self.journal)
         return True
 
@@ -349,12 +340,11 @@ class JournalStore:
             self.storage = optuna.storages.JournalStorage(backend)
 
     def claim_lock(self):
-        return flocked(self.path + ".claim")
+        return contextlib.closing(flocked(self.path + ".claim"))
 
     def hold_token(self, token):
         os.makedirs(self.tokens, exist_ok=True)
-        self._token = open(os.path.join(self.tokens, token), "a")
-        fcntl.flock(self._token, fcntl.LOCK_EX)
+        self._token = flocked(os.path.join(self.tokens, token))
 
     def drop_token(self):
         with contextlib.suppress(OSError):
@@ -363,19 +353,11 @@ class JournalStore:
 
     def is_dead(self, token):
         """Whether the worker holding `token` is gone (call under the claim lock)."""
-        path = os.path.join(self.tokens, token)
-        try:
-            f = open(path)
-        except FileNotFoundError:
-            return True
-        with f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return False
-            with contextlib.suppress(OSError):
-                os.remove(path)
-            return True
+        f = flocked(os.path.join(self.tokens, token), wait=False)
+        if f:
+            with f, contextlib.suppress(OSError):
+                os.remove(f.name)
+        return f is not None
 
 
 class PostgresStore:
@@ -419,12 +401,6 @@ def _lock_key(token):
     return int(token[:16], 16) - (1 << 63)  # an advisory lock key is a signed 64-bit int
 
 
-def open_store(plan):
-    if "://" in plan["storage"]:
-        return PostgresStore(plan["storage"], plan["study_name"])
-    return JournalStore(plan["storage"])
-
-
 def make_sampler(plan, worker, n_trials):
     """A sampler seeded from (--sampler-seed, worker, trials so far): no repeats on resume."""
     seed = plan["sampler_seed"]
@@ -463,18 +439,6 @@ def open_study(plan, storage):
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
         raise cli.Error(f"study {plan['study_name']!r} does not maximise; pick a new --study-name")
     return study
-
-
-@contextlib.contextmanager
-def storage_errors(plan):
-    """Turn a failure of the storage (bad URL, no driver, no server) into one error line."""
-    try:
-        yield
-    except cli.Error:
-        raise
-    except Exception as exc:
-        raise cli.Error(f"cannot open --storage {where(plan['storage'])}: "
-                        f"{cli.one_line(exc) or type(exc).__name__}") from None
 
 
 # --- bookkeeping: which trials are done, which are missing ------------------------------------
@@ -554,33 +518,42 @@ class Worker:
     def __init__(self, plan, index=0, data=None):
         self.plan, self.index, self.data = plan, index, data
         self.token = uuid.uuid4().hex
-        with storage_errors(plan):
-            self.store = open_store(plan)
+        try:
+            self.store = (PostgresStore(plan["storage"], plan["study_name"])
+                          if "://" in plan["storage"] else JournalStore(plan["storage"]))
             self.store.hold_token(self.token)
             with self.store.claim_lock():
                 self.study = open_study(plan, self.store.storage)
+        except cli.Error:
+            raise
+        except Exception as exc:  # a bad URL, no driver, no server
+            raise cli.Error(f"cannot open --storage {where(plan['storage'])}: "
+                            f"{cli.one_line(exc) or type(exc).__name__}") from None
 
     def close(self):
         self.store.drop_token()
 
-    def prepare(self):
-        """Retire dead trials, queue missing ones; the trials (hold the claim lock)."""
-        retire_dead(self.study, self.store, self.study.get_trials(deepcopy=False))
-        queue_missing(self.study, self.plan, self.study.get_trials(deepcopy=False))
-        return self.study.get_trials(deepcopy=False)
+    @contextlib.contextmanager
+    def claimed(self):
+        """Hold the claim lock, with dead trials retired and missing ones queued; yields
+        whether work is left and the trials."""
+        with self.store.claim_lock():
+            retire_dead(self.study, self.store, self.study.get_trials(deepcopy=False))
+            queue_missing(self.study, self.plan, self.study.get_trials(deepcopy=False))
+            trials = self.study.get_trials(deepcopy=False)
+            yield work_left(self.plan, trials), trials
 
     def has_work(self):
-        with self.store.claim_lock():
-            return work_left(self.plan, self.prepare())
+        with self.claimed() as (has_work, _):
+            return has_work
 
     def claim(self):
         """The next trial, taken under the claim lock; None when no work is left."""
         deadline = self.plan["deadline"]
         if cli.stop_signal or (deadline and time.time() >= deadline):
             return None
-        with self.store.claim_lock():
-            trials = self.prepare()
-            if not work_left(self.plan, trials):
+        with self.claimed() as (has_work, trials):
+            if not has_work:
                 return None
             self.study.sampler = make_sampler(self.plan, self.index, len(trials))
             trial = self.study.ask()
@@ -728,38 +701,35 @@ def run_workers(plan):
 # --- outputs ----------------------------------------------------------------------------------
 
 
-def trial_rows(study, plan):
-    """One dict per trial: state, parameters, best validation accuracy, losses, time."""
-    rows = []
-    for t in study.get_trials(deepcopy=False):
-        a = t.user_attrs
-        rows.append({
-            "number": t.number, "state": t.state.name, "best_val_acc": a.get("best_val_acc"),
-            "best_epoch": a.get("best_epoch"), "epochs_run": a.get("epochs_run"),
-            "final_train_loss": a.get("train_loss"), "final_val_loss": a.get("val_loss"),
-            "seconds": a.get("seconds"), "params": trial_params(t), "reason": failure(t),
-            "folder": trial_folder(plan, t), "host": a.get("worker", {}).get("host"),
-            "started": t.datetime_start and t.datetime_start.isoformat(timespec="seconds"),
-            "finished": t.datetime_complete and t.datetime_complete.isoformat(timespec="seconds"),
-            "retry_of": a.get("retry_of"), "config": a.get("config"),
-        })
-    return rows
+COLUMNS = ["number", "state", "best_val_acc", "best_epoch", "epochs_run", "final_train_loss",
+           "final_val_loss", "seconds", "reason", "folder", "host", "started", "finished"]
+
+
+def trial_row(trial, plan):
+    """A trial as one dict: state, parameters, best validation accuracy, losses, time."""
+    a, when = trial.user_attrs, lambda t: t and t.isoformat(timespec="seconds")
+    return {"number": trial.number, "state": trial.state.name,
+            "best_val_acc": a.get("best_val_acc"), "best_epoch": a.get("best_epoch"),
+            "epochs_run": a.get("epochs_run"), "final_train_loss": a.get("train_loss"),
+            "final_val_loss": a.get("val_loss"), "seconds": a.get("seconds"),
+            "params": trial_params(trial), "reason": failure(trial),
+            "folder": trial_folder(plan, trial), "host": a.get("worker", {}).get("host"),
+            "started": when(trial.datetime_start), "finished": when(trial.datetime_complete),
+            "retry_of": a.get("retry_of"), "config": a.get("config")}
 
 
 def write_tables(study, plan):
-    """trials.json and trials.csv in the output folder, rewritten whole (atomically)."""
-    rows, out, keys = trial_rows(study, plan), plan["out_dir"], list(plan["space"])
-    cli.write_json(os.path.join(out, FILES["json"]),
+    """trials.json (which also marks the folder as this study's) and trials.csv, each
+    rewritten whole and atomically."""
+    rows, keys = [trial_row(t, plan) for t in study.get_trials(deepcopy=False)], list(plan["space"])
+    cli.write_json(os.path.join(plan["out_dir"], FILES["json"]),
                    {"study": plan["study_name"], "storage": where(plan["storage"]),
                     "sampler": plan["sampler"], "space": plan["space"], "trials": rows})
-    columns = ["number", "state", "best_val_acc", "best_epoch", "epochs_run",
-               "final_train_loss", "final_val_loss", "seconds", *keys, "reason", "folder",
-               "host", "started", "finished"]
-    with cli.atomic_write(os.path.join(out, FILES["csv"]), "w") as f:
-        writer = csv.DictWriter(f, columns, extrasaction="ignore", lineterminator="\n")
+    with cli.atomic_write(os.path.join(plan["out_dir"], FILES["csv"]), "w") as f:
+        writer = csv.DictWriter(f, COLUMNS[:8] + keys + COLUMNS[8:], extrasaction="ignore",
+                                lineterminator="\n")
         writer.writeheader()
-        for row in rows:
-            writer.writerow({**row, **{k: row["params"].get(k) for k in keys}})
+        writer.writerows({**row, **{k: row["params"].get(k) for k in keys}} for row in rows)
 
 
 def check_out_dir(plan):
@@ -830,17 +800,14 @@ def _fmt(value):
 
 
 def summary(study):
-    """Counts of trials per state, e.g. '6 complete, 1 pruned, 1 failed'."""
+    """Counts of trials per state, e.g. '6 complete, 1 pruned, 1 failed, 1 running'."""
     trials = study.get_trials(deepcopy=False)
-    counts = {s: sum(t.state == s for t in trials) for s in TrialState}
+    count = lambda state: sum(t.state == state for t in trials)
     cut = sum(interrupted(t) for t in trials)
-    parts = [f"{counts[TrialState.COMPLETE]} complete", f"{counts[TrialState.PRUNED]} pruned",
-             f"{counts[TrialState.FAIL] - cut} failed"]
-    for label, n in (("interrupted (rerun)", cut), ("running", counts[TrialState.RUNNING]),
-                     ("queued", counts[TrialState.WAITING])):
-        if n:
-            parts.append(f"{n} {label}")
-    return ", ".join(parts)
+    counts = {"complete": count(TrialState.COMPLETE), "pruned": count(TrialState.PRUNED),
+              "failed": count(TrialState.FAIL) - cut, "interrupted (rerun)": cut,
+              "running": count(TrialState.RUNNING), "queued": count(TrialState.WAITING)}
+    return ", ".join(f"{n} {label}" for i, (label, n) in enumerate(counts.items()) if n or i < 3)
 
 
 # --- plots ------------------------------------------------------------------------------------
@@ -961,56 +928,49 @@ def _study_name(text):
 def build_parser():
     parser = cli.Parser(
         description="Hyperparameter search over train.py's options with Optuna. Rerunning "
-                    "the same command resumes the search; browse it live with "
-                    "`optuna-dashboard OUT_DIR/study.journal`.",
-        epilog="--space items: KEY=V1,V2,... lists values (a grid dimension); KEY=LO:HI or "
-               "KEY=LO:HI:log is a range (random and tpe only). KEY is any training option "
-               "below (dashes or underscores; learning_rate and reg_lambda also work). "
-               "hidden_size values: 512 (both layers) or 512x256. Default space: "
-               f"{' '.join(DEFAULT_SPACE)}, plus {DEFAULT_DECAYS} with --lr-schedule step.")
+                    "the same command resumes it; browse it with `optuna-dashboard "
+                    "OUT_DIR/study.journal`.",
+        epilog="--space items: KEY=V1,V2,... lists values (a grid dimension); KEY=LO:HI[:log] "
+               "is a range (random and tpe only). KEY is any training option below "
+               "(learning_rate and reg_lambda also work); hidden_size values: 512 or 512x256. "
+               f"Default: {' '.join(DEFAULT_SPACE)}, plus {DEFAULT_DECAYS} with --lr-schedule step.")
     s = parser.add_argument_group("search")
     s.add_argument("--space", nargs="+", action="extend", metavar="KEY=VALUES",
-                   help="searched options (default: the space in the epilog)")
-    s.add_argument("--space-file", metavar="FILE",
-                   help='JSON object, e.g. {"lr": [0.01, 0.05], "reg": {"low": 1e-4, "high": '
-                        '1e-2, "log": true}}; --space items override its keys')
+                   help="searched options (default: see below)")
+    s.add_argument("--space-file", metavar="FILE", help='the same as JSON, e.g. {"lr": [0.01, '
+                   '0.05], "reg": {"low": 1e-4, "high": 1e-2, "log": true}}; --space wins')
     s.add_argument("--sampler", choices=SAMPLERS, default="grid",
-                   help="grid: each combination exactly once; random; tpe")
+                   help="grid runs each combination exactly once")
     s.add_argument("--n-trials", type=cli.bounded(int, 1), metavar="N",
-                   help="trials in the whole study, counting those of earlier runs (default: "
-                        "the whole grid; 20 for random and tpe unless --timeout is given)")
+                   help="trials in the whole study, over all runs (default: the grid; 20 for "
+                        "random and tpe without --timeout)")
     s.add_argument("--timeout", type=cli.bounded(float, 1e-9), metavar="SECONDS",
                    help="start no trial after this many seconds of this run")
     s.add_argument("--pruner", choices=PRUNERS, default="none",
-                   help="stop poor trials early on their per-epoch validation accuracy: "
-                        "median or successive halving")
+                   help="stop poor trials early on their per-epoch validation accuracy")
     s.add_argument("--prune-startup", type=cli.bounded(int, 0), default=5, metavar="N",
                    help="median: complete trials before any pruning")
     s.add_argument("--prune-warmup", type=cli.bounded(int, 0), default=1, metavar="EPOCHS",
                    help="epochs every trial runs before it may be pruned")
     s.add_argument("--workers", type=cli.bounded(int, 1, MAX_WORKERS), default=1, metavar="N",
-                   help=f"local worker processes, at most {MAX_WORKERS} (4 per core); each "
-                        "gets cores/N BLAS threads")
+                   help=f"local processes, at most {MAX_WORKERS}; each gets cores/N BLAS threads")
     s.add_argument("--storage", metavar="URL_OR_FILE",
-                   help="a journal file (default: OUT_DIR/study.journal) or a PostgreSQL URL "
-                        "(postgresql+psycopg2://user@host/db: every machine running the same "
-                        "command shares the work); no other database")
+                   help="a journal file (default: OUT_DIR/study.journal) or a postgresql:// URL "
+                        "that machines running the same command share")
     s.add_argument("--study-name", type=_study_name, default="search",
                    help="the study to create or resume")
     s.add_argument("--out-dir", metavar="DIR",
-                   help="trials and results, one study per folder (default: results/STUDY_NAME)")
+                   help="trials and results of one study (default: results/STUDY_NAME)")
     s.add_argument("--top-k", type=cli.bounded(int, 1), default=10, metavar="K",
                    help="rows of the printed table")
     s.add_argument("--sampler-seed", type=cli.bounded(int, 0, 2**32 - 1), metavar="N",
-                   help="seed of the random and tpe samplers, 0 to 2**32-1; each trial's seed "
-                        "derives from it, the worker and the trials so far")
+                   help="seed of random and tpe (0 to 2**32-1): the same commands draw the "
+                        "same points")
     s.add_argument("--preset", choices=sorted(cfg.PRESETS), default=DEFAULT_PRESET,
-                   help=f"training recipe the options below change")
+                   help="training recipe the options below change")
     preset = ", ".join(f"{k}={v}" for k, v in cfg.PRESETS[DEFAULT_PRESET].items())
-    t = parser.add_argument_group(
-        "training options, the same for every trial",
-        f"The defaults shown are config.py's; the default --preset {DEFAULT_PRESET} changes "
-        f"them to {preset}.")
+    t = parser.add_argument_group("training options, the same for every trial",
+                                  f"Defaults are config.py's; --preset {DEFAULT_PRESET} sets {preset}.")
     cli.add_config_options(t, TRAIN_OPTIONS, cfg.HELP,
                            {**cfg.CHOICES, "activation": sorted(model.ACTIVATIONS)}, cfg.ALIASES)
     return parser
