@@ -436,8 +436,6 @@ def open_study(plan, storage):
         raise cli.Error(f"study {plan['study_name']!r} in {where(plan['storage'])} holds a "
                         f"different search (changed: {', '.join(changed)}); rerun with the same "
                         "options, or pick a new --study-name")
-    if study.direction != optuna.study.StudyDirection.MAXIMIZE:
-        raise cli.Error(f"study {plan['study_name']!r} does not maximise; pick a new --study-name")
     return study
 
 
@@ -574,8 +572,6 @@ class Worker:
         save_dir, state, value, why, stop, result = trial_folder(plan, trial), None, None, "", None, {}
 
         def on_epoch(record):
-            if cli.stop_signal:  # a signal whose exception CPython dropped
-                raise cli.Stopped(cli.stop_signal)
             records.append(record)
             trial.report(record["val_acc"], record["epoch"])
             if trial.should_prune():
@@ -747,17 +743,15 @@ def check_out_dir(plan):
                         "give this study another --out-dir")
 
 
-def best_trial(study):
+def ranked(study):
+    """The complete trials, best first (of equals, the earlier)."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return max(complete, key=lambda t: (t.value, -t.number)) if complete else None
+    return sorted(complete, key=lambda t: (-t.value, t.number))
 
 
-def write_best(study, plan):
+def write_best(best, plan):
     """best_result.json in the report's format, and best.npy: the best trial's checkpoint,
     taken only from its folder in --out-dir and only once it loads as a checkpoint."""
-    best = best_trial(study)
-    if best is None:
-        return None
     config = best.user_attrs.get("config", {})
     source = os.path.join(trial_folder(plan, best), "best.npy")
     target = os.path.join(plan["out_dir"], FILES["model"])
@@ -782,15 +776,12 @@ def write_best(study, plan):
     return result
 
 
-def top_table(study, plan):
-    """The top-k complete trials as aligned text lines."""
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    ranked = sorted(complete, key=lambda t: (-t.value, t.number))[:plan["top_k"]]
-    keys = list(plan["space"])
+def top_table(trials, keys):
+    """The trials as aligned text lines under a header."""
     header = ["rank", "trial", "val_acc", "epochs", "seconds", *keys]
     rows = [[str(i), str(t.number), f"{t.value:.4f}", str(t.user_attrs.get("epochs_run", "")),
              f"{t.user_attrs.get('seconds', 0):.0f}", *(_fmt(t.params.get(k)) for k in keys)]
-            for i, t in enumerate(ranked, 1)]
+            for i, t in enumerate(trials, 1)]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     return ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [header, *rows]]
 
@@ -802,12 +793,14 @@ def _fmt(value):
 def summary(study):
     """Counts of trials per state, e.g. '6 complete, 1 pruned, 1 failed, 1 running'."""
     trials = study.get_trials(deepcopy=False)
-    count = lambda state: sum(t.state == state for t in trials)
+    count = lambda state: sum(t.state == state for t in trials)  # noqa: E731
     cut = sum(interrupted(t) for t in trials)
-    counts = {"complete": count(TrialState.COMPLETE), "pruned": count(TrialState.PRUNED),
-              "failed": count(TrialState.FAIL) - cut, "interrupted (rerun)": cut,
-              "running": count(TrialState.RUNNING), "queued": count(TrialState.WAITING)}
-    return ", ".join(f"{n} {label}" for i, (label, n) in enumerate(counts.items()) if n or i < 3)
+    parts = [f"{count(TrialState.COMPLETE)} complete", f"{count(TrialState.PRUNED)} pruned",
+             f"{count(TrialState.FAIL) - cut} failed"]
+    for label, n in (("interrupted (rerun)", cut), ("running", count(TrialState.RUNNING)),
+                     ("queued", count(TrialState.WAITING))):
+        parts += [f"{n} {label}"] if n else []
+    return ", ".join(parts)
 
 
 # --- plots ------------------------------------------------------------------------------------
@@ -876,23 +869,23 @@ def plot_top_pair(study, plan, importances):
 
 def report(study, plan):
     """Write every output file, then print the top-k table and where things are."""
+    out, trials = plan["out_dir"], ranked(study)
     write_tables(study, plan)
-    best = write_best(study, plan)
-    plot_history(study, os.path.join(plan["out_dir"], FILES["history"]))
-    importances, why_not = plot_importance(study, os.path.join(plan["out_dir"], FILES["importance"]))
+    best = write_best(trials[0], plan) if trials else None
+    plot_history(study, os.path.join(out, FILES["history"]))
+    importances, why_not = plot_importance(study, os.path.join(out, FILES["importance"]))
     pair = plot_top_pair(study, plan, importances)
     print(f"\nStudy {plan['study_name']!r}: {summary(study)}")
     if best is None:
         print("No trial has completed yet.")
         return
-    table = top_table(study, plan)
-    print(f"Top {len(table) - 1} by validation accuracy:")
-    print("\n".join(table))
+    table = top_table(trials[:plan["top_k"]], list(plan["space"]))
+    print(f"Top {len(table) - 1} by validation accuracy:", *table, sep="\n")
     if why_not:
         print(f"(parameter importance not drawn: {why_not})")
     print(f"\nBest: trial {best['trial']}, validation accuracy {best['best_val_acc']:.4f}")
     files = [*FILES.values(), *([os.path.basename(pair)] if pair else [])]
-    print(f"Saved in {plan['out_dir']}: {', '.join(files)}")
+    print(f"Saved in {out}: {', '.join(files)}")
     if best["checkpoint"]:
         print(f"Evaluate it: python test.py --model {best['checkpoint']}")
     print(f"Browse the study: optuna-dashboard {where(plan['storage'])}")
