@@ -279,6 +279,17 @@ def signals_deferred():
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+def flocked(path, wait=True):
+    """`path` (created if needed) open and holding an exclusive flock, which dies with the
+    process; None if another holds it and `wait` is False."""
+    f = open(path, "ab")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        return f
+    except BlockingIOError:
+        f.close()
+
+
 @contextlib.contextmanager
 def folder_lock(folder, what="--save-dir"):
     """Hold `folder` for this process: another live process holding it is refused at once.

@@ -28,7 +28,6 @@ How workers share a study (for maintainers)
 import argparse
 import contextlib
 import csv
-import fcntl
 import itertools
 import json
 import multiprocessing
@@ -283,17 +282,6 @@ def search_signature(plan):
 # --- storages: locks and worker tokens --------------------------------------------------------
 
 
-def flocked(path, wait=True):
-    """`path` (created if needed) open and holding an exclusive flock, which dies with the
-    process; None if another holds it and `wait` is False."""
-    f = open(path, "ab")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        return f
-    except BlockingIOError:
-        f.close()
-
-
 class JournalLock:
     """The journal's write lock (an flock) that mends a torn last line before each append."""
 
@@ -301,7 +289,7 @@ class JournalLock:
         self.journal, self._file = journal, None
 
     def acquire(self):
-        self._file = flocked(self.journal)  # Optuna's own lock is a symlink: no clash
+        self._file = cli.flocked(self.journal)  # Optuna's own lock is a symlink: no clash
         mend_journal(self.journal)
         return True
 
@@ -340,11 +328,11 @@ class JournalStore:
             self.storage = optuna.storages.JournalStorage(backend)
 
     def claim_lock(self):
-        return contextlib.closing(flocked(self.path + ".claim"))
+        return contextlib.closing(cli.flocked(self.path + ".claim"))
 
     def hold_token(self, token):
         os.makedirs(self.tokens, exist_ok=True)
-        self._token = flocked(os.path.join(self.tokens, token))
+        self._token = cli.flocked(os.path.join(self.tokens, token))
 
     def drop_token(self):
         with contextlib.suppress(OSError):
@@ -353,7 +341,7 @@ class JournalStore:
 
     def is_dead(self, token):
         """Whether the worker holding `token` is gone (call under the claim lock)."""
-        f = flocked(os.path.join(self.tokens, token), wait=False)
+        f = cli.flocked(os.path.join(self.tokens, token), wait=False)
         if f:
             with f, contextlib.suppress(OSError):
                 os.remove(f.name)
@@ -667,10 +655,8 @@ def run_workers(plan):
     """Run the worker processes, pass a signal on to them, and say which ones failed."""
     for name in BLAS_VARIABLES:  # spawned children read these before importing NumPy
         os.environ[name] = str(blas_threads(plan["workers"]))
-    plan = {**plan, "parent_pid": os.getpid()}
-    context = multiprocessing.get_context("spawn")
-    processes = [context.Process(target=worker_main, args=(plan, i), name=f"worker-{i}")
-                 for i in range(plan["workers"])]
+    plan, spawn = {**plan, "parent_pid": os.getpid()}, multiprocessing.get_context("spawn")
+    processes = [spawn.Process(target=worker_main, args=(plan, i)) for i in range(plan["workers"])]
     for p in processes:
         p.start()
     try:
