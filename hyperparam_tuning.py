@@ -26,6 +26,7 @@ How workers share a study (for maintainers)
   stop when the parent is gone. trials.json names the one study an --out-dir holds.
 """
 import argparse
+import collections
 import contextlib
 import csv
 import itertools
@@ -230,9 +231,9 @@ def make_plan(args):
     out_dir = args.out_dir or os.path.join("results", args.study_name)
     storage = args.storage or os.path.join(out_dir, "study.journal")
     check_storage(storage)
-    default_budget = args.sampler != "grid" and args.timeout is None
+    n_trials = args.n_trials or (None if args.sampler == "grid" or args.timeout else 20)
     return {**vars(args), "out_dir": out_dir, "storage": storage, "space": space,
-            "fixed": fixed, "base": base, "n_trials": args.n_trials or (20 if default_budget else None),
+            "fixed": fixed, "base": base, "n_trials": n_trials,
             "deadline": time.time() + args.timeout if args.timeout else None,
             "data_dir": base["data_dir"], "parent_pid": None}
 
@@ -779,13 +780,13 @@ def _fmt(value):
 def summary(study):
     """Counts of trials per state, e.g. '6 complete, 1 pruned, 1 failed, 1 running'."""
     trials = study.get_trials(deepcopy=False)
-    count = lambda state: sum(t.state == state for t in trials)  # noqa: E731
-    cut = sum(interrupted(t) for t in trials)
-    parts = [f"{count(TrialState.COMPLETE)} complete", f"{count(TrialState.PRUNED)} pruned",
-             f"{count(TrialState.FAIL) - cut} failed"]
-    for label, n in (("interrupted (rerun)", cut), ("running", count(TrialState.RUNNING)),
-                     ("queued", count(TrialState.WAITING))):
-        parts += [f"{n} {label}"] if n else []
+    n, cut = collections.Counter(t.state for t in trials), sum(interrupted(t) for t in trials)
+    parts = [f"{n[TrialState.COMPLETE]} complete", f"{n[TrialState.PRUNED]} pruned",
+             f"{n[TrialState.FAIL] - cut} failed"]
+    for label, count in (("interrupted (rerun)", cut), ("running", n[TrialState.RUNNING]),
+                         ("queued", n[TrialState.WAITING])):
+        if count:
+            parts.append(f"{count} {label}")
     return ", ".join(parts)
 
 
@@ -948,8 +949,8 @@ def build_parser():
     s.add_argument("--preset", choices=sorted(cfg.PRESETS), default=DEFAULT_PRESET,
                    help="training recipe the options below change")
     preset = ", ".join(f"{k}={v}" for k, v in cfg.PRESETS[DEFAULT_PRESET].items())
-    t = parser.add_argument_group("training options, the same for every trial",
-                                  f"Defaults are config.py's; --preset {DEFAULT_PRESET} sets {preset}.")
+    t = parser.add_argument_group("training options, the same for every trial", f"Defaults "
+                                  f"are config.py's; --preset {DEFAULT_PRESET} sets {preset}.")
     cli.add_config_options(t, TRAIN_OPTIONS, cfg.HELP,
                            {**cfg.CHOICES, "activation": sorted(model.ACTIVATIONS)}, cfg.ALIASES)
     return parser
