@@ -261,7 +261,7 @@ def _train(config, data, on_epoch, progress, evaluate_test, verbose, resume):
 
 
 def main(argv):
-    cli.stop_on_signals()
+    cli.stop_on_signals()  # the first signal stops cleanly; later ones wait for the cleanup
     parser = cli.Parser(description="Train the three-layer network on CIFAR-10. Every "
                         "configuration key is an option; the defaults are config.py's.")
     parser.add_argument("--preset", default="default", choices=sorted(cfg.PRESETS),
