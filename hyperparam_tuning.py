@@ -22,8 +22,11 @@ How workers share a study (for maintainers)
 - Failures of the configuration (divergence, a bad value) are final; those of the machine
   (an OSError while writing) or a signal leave the trial to rerun and stop the worker.
 - Seeds derive from (--sampler-seed, worker, trials in the study): resumes draw new points.
-- Signals: cli.stop_on_signals; the parent passes a signal on to its workers, which also
-  stop when the parent is gone. trials.json names the one study an --out-dir holds.
+- Signals (cli.stop_on_signals): the first SIGINT, SIGTERM or SIGHUP raises cli.Stopped
+  in the main thread, relayed there by a thread if it landed elsewhere; train.train checks
+  the flag every epoch in case CPython dropped the exception. The parent passes the signal
+  on to its workers, which also stop when the parent is gone.
+- Folders: the parent holds --out-dir; its trials.json names the one study it holds.
 """
 import argparse
 import collections
