@@ -10,10 +10,12 @@ import errno
 import fcntl
 import json
 import os
+import select
 import signal
 import stat
 import sys
 import tempfile
+import threading
 import traceback
 
 
@@ -78,6 +80,21 @@ def add_config_options(parser, defaults, helps, choices=None, aliases=None):
         else:
             kwargs.update(type=type(default))
         parser.add_argument(*flags, **kwargs)
+
+
+def bounded(kind, low, high=None):
+    """An argparse type: a number of `kind` (int or float) from low to high (nan fails)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}"
+                                             f", got {text!r}") from None
+        if not low <= value <= (high or sys.float_info.max):
+            bounds = f"in [{low}, {high}]" if high else "positive" if low > 0 else ">= 0"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
+        return value
+    return parse
 
 
 def aliases_of(key, aliases):
@@ -214,6 +231,42 @@ def handle_signals():
         signal.signal(signum, _raise_stopped)
 
 
+stop_signal = 0  # the first signal that stop_on_signals caught: start no new work
+
+
+def _stop_once(signum, frame):
+    """Raise Stopped for the first signal only, so a second cannot cut short the cleanup."""
+    global stop_signal
+    if not stop_signal:
+        stop_signal = signum
+        raise Stopped(signum)
+
+
+def stop_on_signals(parent=None):
+    """Stop once on SIGINT, SIGTERM or SIGHUP (unless ignored), and when process `parent`
+    is gone. CPython may drop the exception (e.g. inside an import): check `stop_signal`
+    at safe points too."""
+    stops = (signal.SIGINT, *STOP_SIGNALS)
+    for signum in stops:
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, _stop_once)
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    signal.set_wakeup_fd(write)
+    threading.Thread(target=_relay, args=(read, parent, stops), daemon=True).start()
+
+
+def _relay(read, parent, stops):
+    """Re-send the first signal to the main thread, or SIGTERM once `parent` is gone (kill -9
+    tells no one): a signal that lands on another thread (BLAS, tqdm) may wait for seconds."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    while not select.select([read], [], [], 0.5)[0]:
+        if parent and os.getppid() != parent:
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+            return
+    signal.pthread_kill(threading.main_thread().ident, os.read(read, 1)[0])
+
+
 @contextlib.contextmanager
 def signals_deferred():
     """Hold back Ctrl-C, SIGTERM and SIGHUP while the block runs (a write that must finish);
@@ -224,6 +277,17 @@ def signals_deferred():
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def flocked(path, wait=True):
+    """`path` (created if needed) open and holding an exclusive flock, which dies with the
+    process; None if another holds it and `wait` is False."""
+    f = open(path, "ab")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        return f
+    except BlockingIOError:
+        f.close()
 
 
 @contextlib.contextmanager

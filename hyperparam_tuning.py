@@ -1,57 +1,45 @@
 """Search train.py's options with Optuna: a grid (each combination once), random or TPE.
 
     python hyperparam_tuning.py                       # the default grid: lr x hidden x reg x act
-    python hyperparam_tuning.py --space lr=0.02,0.05 hidden_size=256,512x256 --epochs 5
     python hyperparam_tuning.py --sampler tpe --space lr=1e-3:0.1:log reg=1e-5:1e-2:log \\
         --n-trials 30 --pruner median --workers 2
     python hyperparam_tuning.py --storage postgresql+psycopg2://user@host/db   # on each machine
 
-Each trial is one train.train() run in <out-dir>/trial_<n>/. The same command run again
-resumes the study. Results in <out-dir>: trials.json, trials.csv, best_result.json, best.npy
-and the plots.
+Each trial is one train.train() run in <out-dir>/trial_<n>/; the same command run again
+resumes the study. Results in <out-dir>: trials.json/.csv, best_result.json, best.npy, plots.
 
 How workers share a study (for maintainers)
-- Storage: an Optuna journal file or PostgreSQL, nothing else: other databases hand out
-  queued trials non-atomically.
-- The claim lock (an flock on <journal>.claim, or a PostgreSQL advisory lock on the study
-  name, shared by every machine) is held while a worker opens the study, retires dead
-  trials, queues missing grid points, checks the budget, asks for a trial and records itself
-  in it. So no grid point and no slot of the budget is ever taken twice.
-- Liveness: each worker holds a token for its whole life, an flock on
-  <journal>.workers/<uuid> or an advisory lock on the uuid, which the kernel or the server
-  drops when the process dies, whatever its host, container or PID namespace. A RUNNING
-  trial is dead exactly when its token can be taken (or it has none: its worker died before
-  letting go of the claim lock). A dead trial is failed as interrupted and run again in its
-  own folder, continuing from its last epoch. A trial retired while its worker still runs
-  (a dropped database session) is reported at tell, not a crash.
-- Failures: one of the configuration (divergence, a bad value) is final. One of the machine
-  (an OSError while writing, e.g. a full disk) or a signal marks the trial interrupted, to be
-  rerun, and stops the worker.
-- The journal: an unfinished last line (a full disk, a power cut) is moved to
-  <journal>.torn before the next append, under the journal's own write lock.
-- Seeds: each trial's sampler seed derives from (--sampler-seed, worker, trials in the
-  study), so a resumed or parallel seeded search draws new points, reproducibly.
-- Signals: the first SIGINT, SIGTERM or SIGHUP raises cli.Stopped in the main thread; the
-  parent passes it on to its workers. A relay thread re-sends to the main thread a signal
-  that landed on another thread (CPython may not look at it for seconds), and SIGTERM when
-  the parent is gone. A flag checked every epoch covers an exception CPython dropped.
-- Folders: the parent holds --out-dir (cli.folder_lock); its trials.json names the one
-  study whose trial folders it holds.
+- Storage: a journal file or PostgreSQL only; other databases hand out queued trials
+  non-atomically. The journal's write lock moves a torn last line to <journal>.torn.
+- The claim lock (an flock on <journal>.claim, or an advisory lock on the study name) is
+  held while a worker retires dead trials, queues missing grid points, checks the budget,
+  asks for a trial and records itself in it: no grid point or budget slot is taken twice.
+- Liveness: each worker holds a token for life (an flock on <journal>.workers/<uuid>, or
+  an advisory lock), dropped by the kernel or server when it dies, on any host or PID
+  namespace. A RUNNING trial whose token can be taken (or has none) is failed as
+  interrupted and rerun in its own folder from its last epoch. A trial retired while its
+  worker still runs (a dropped database session) is reported at tell, not a crash.
+- Failures of the configuration (divergence, a bad value) are final; those of the machine
+  (an OSError while writing) or a signal leave the trial to rerun and stop the worker.
+- Seeds derive from (--sampler-seed, worker, trials in the study): resumes draw new points.
+- Signals (cli.stop_on_signals): the first SIGINT, SIGTERM or SIGHUP raises cli.Stopped
+  in the main thread, relayed there by a thread if it landed elsewhere; train.train checks
+  the flag every epoch in case CPython dropped the exception. The parent passes the signal
+  on to its workers, which also stop when the parent is gone.
+- Folders: the parent holds --out-dir; its trials.json names the one study it holds.
 """
 import argparse
+import collections
 import contextlib
 import csv
-import fcntl
 import itertools
 import json
 import multiprocessing
 import os
 import re
-import select
 import signal
 import socket
 import sys
-import threading
 import time
 import uuid
 import warnings
@@ -79,7 +67,6 @@ TRAIN_OPTIONS = {k: v for k, v in cfg.DEFAULT_CONFIG.items() if k != "save_dir"}
 BLAS_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 MAX_WORKERS = 4 * CORES
-STOP_SIGNALS = (signal.SIGINT, *cli.STOP_SIGNALS)
 TOKEN = re.compile(r"[0-9a-f]{32}")
 FILES = {"json": "trials.json", "csv": "trials.csv", "best": "best_result.json",
          "model": "best.npy", "history": "optimization_history.png",
@@ -121,17 +108,14 @@ def load_space_file(path):
         raise cli.Error(f"--space-file {path} is not valid JSON: {exc}") from None
     if not isinstance(spec, dict):
         raise cli.Error(f"--space-file {path} must hold a JSON object of key: values")
-    return {space_key(name): parse_param(space_key(name), _as_text(space_key(name), value, path))
-            for name, value in spec.items()}
+    return parse_space(f"{name}={_as_text(name, value, path)}" for name, value in spec.items())
 
 
-def _as_text(key, value, path):
+def _as_text(name, value, path):
     """A JSON value of a space file in the --space syntax."""
-    if isinstance(value, str):
-        return value
     if isinstance(value, dict):
         if set(value) - {"low", "high", "log"} or not {"low", "high"} <= set(value):
-            raise cli.Error(f"--space-file {path}: {key} must be a list of values or "
+            raise cli.Error(f"--space-file {path}: {name} must be a list of values or "
                             f'{{"low": .., "high": .., "log": true|false}}')
         return f"{value['low']}:{value['high']}" + (":log" if value.get("log") else "")
 
@@ -139,7 +123,6 @@ def _as_text(key, value, path):
         if isinstance(v, list):
             return "x".join(str(h) for h in v)
         return str(v).lower() if isinstance(v, bool) else str(v)
-
     return ",".join(text(v) for v in (value if isinstance(value, list) else [value]))
 
 
@@ -251,18 +234,11 @@ def make_plan(args):
     out_dir = args.out_dir or os.path.join("results", args.study_name)
     storage = args.storage or os.path.join(out_dir, "study.journal")
     check_storage(storage)
-    n_trials = args.n_trials
-    if args.sampler != "grid" and n_trials is None and args.timeout is None:
-        n_trials = 20
-    return {
-        "study_name": args.study_name, "out_dir": out_dir, "storage": storage,
-        "sampler": args.sampler, "sampler_seed": args.sampler_seed, "space": space,
-        "preset": args.preset, "fixed": fixed, "base": base, "n_trials": n_trials,
-        "deadline": time.time() + args.timeout if args.timeout else None,
-        "pruner": args.pruner, "prune_startup": args.prune_startup,
-        "prune_warmup": args.prune_warmup, "workers": args.workers, "top_k": args.top_k,
-        "data_dir": base["data_dir"], "parent_pid": None,
-    }
+    n_trials = args.n_trials or (None if args.sampler == "grid" or args.timeout else 20)
+    return {**vars(args), "out_dir": out_dir, "storage": storage, "space": space,
+            "fixed": fixed, "base": base, "n_trials": n_trials,
+            "deadline": time.time() + args.timeout if args.timeout else None,
+            "data_dir": base["data_dir"], "parent_pid": None}
 
 
 def _check_values(preset, fixed, space):
@@ -310,14 +286,6 @@ def search_signature(plan):
 # --- storages: locks and worker tokens --------------------------------------------------------
 
 
-@contextlib.contextmanager
-def flocked(path):
-    """An exclusive flock on `path` (created if needed), which dies with the process."""
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield f
-
-
 class JournalLock:
     """The journal's write lock (an flock) that mends a torn last line before each append."""
 
@@ -325,8 +293,7 @@ class JournalLock:
         self.journal, self._file = journal, None
 
     def acquire(self):
-        self._file = open(self.journal, "ab")  # Optuna's own lock is a symlink: no clash
-        fcntl.flock(self._file, fcntl.LOCK_EX)
+        self._file = cli.flocked(self.journal)  # Optuna's own lock is a symlink: no clash
         mend_journal(self.journal)
         return True
 
@@ -365,12 +332,11 @@ class JournalStore:
             self.storage = optuna.storages.JournalStorage(backend)
 
     def claim_lock(self):
-        return flocked(self.path + ".claim")
+        return contextlib.closing(cli.flocked(self.path + ".claim"))
 
     def hold_token(self, token):
         os.makedirs(self.tokens, exist_ok=True)
-        self._token = open(os.path.join(self.tokens, token), "a")
-        fcntl.flock(self._token, fcntl.LOCK_EX)
+        self._token = cli.flocked(os.path.join(self.tokens, token))
 
     def drop_token(self):
         with contextlib.suppress(OSError):
@@ -379,19 +345,11 @@ class JournalStore:
 
     def is_dead(self, token):
         """Whether the worker holding `token` is gone (call under the claim lock)."""
-        path = os.path.join(self.tokens, token)
-        try:
-            f = open(path)
-        except FileNotFoundError:
-            return True
-        with f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return False
-            with contextlib.suppress(OSError):
-                os.remove(path)
-            return True
+        f = cli.flocked(os.path.join(self.tokens, token), wait=False)
+        if f:
+            with f, contextlib.suppress(OSError):
+                os.remove(f.name)
+        return f is not None
 
 
 class PostgresStore:
@@ -435,12 +393,6 @@ def _lock_key(token):
     return int(token[:16], 16) - (1 << 63)  # an advisory lock key is a signed 64-bit int
 
 
-def open_store(plan):
-    if "://" in plan["storage"]:
-        return PostgresStore(plan["storage"], plan["study_name"])
-    return JournalStore(plan["storage"])
-
-
 def make_sampler(plan, worker, n_trials):
     """A sampler seeded from (--sampler-seed, worker, trials so far): no repeats on resume."""
     seed = plan["sampler_seed"]
@@ -476,21 +428,7 @@ def open_study(plan, storage):
         raise cli.Error(f"study {plan['study_name']!r} in {where(plan['storage'])} holds a "
                         f"different search (changed: {', '.join(changed)}); rerun with the same "
                         "options, or pick a new --study-name")
-    if study.direction != optuna.study.StudyDirection.MAXIMIZE:
-        raise cli.Error(f"study {plan['study_name']!r} does not maximise; pick a new --study-name")
     return study
-
-
-@contextlib.contextmanager
-def storage_errors(plan):
-    """Turn a failure of the storage (bad URL, no driver, no server) into one error line."""
-    try:
-        yield
-    except cli.Error:
-        raise
-    except Exception as exc:
-        raise cli.Error(f"cannot open --storage {where(plan['storage'])}: "
-                        f"{cli.one_line(exc) or type(exc).__name__}") from None
 
 
 # --- bookkeeping: which trials are done, which are missing ------------------------------------
@@ -570,33 +508,42 @@ class Worker:
     def __init__(self, plan, index=0, data=None):
         self.plan, self.index, self.data = plan, index, data
         self.token = uuid.uuid4().hex
-        with storage_errors(plan):
-            self.store = open_store(plan)
+        try:
+            self.store = (PostgresStore(plan["storage"], plan["study_name"])
+                          if "://" in plan["storage"] else JournalStore(plan["storage"]))
             self.store.hold_token(self.token)
             with self.store.claim_lock():
                 self.study = open_study(plan, self.store.storage)
+        except cli.Error:
+            raise
+        except Exception as exc:  # a bad URL, no driver, no server
+            raise cli.Error(f"cannot open --storage {where(plan['storage'])}: "
+                            f"{cli.one_line(exc) or type(exc).__name__}") from None
 
     def close(self):
         self.store.drop_token()
 
-    def prepare(self):
-        """Retire dead trials, queue missing ones; the trials (hold the claim lock)."""
-        retire_dead(self.study, self.store, self.study.get_trials(deepcopy=False))
-        queue_missing(self.study, self.plan, self.study.get_trials(deepcopy=False))
-        return self.study.get_trials(deepcopy=False)
+    @contextlib.contextmanager
+    def claimed(self):
+        """Hold the claim lock, with dead trials retired and missing ones queued; yields
+        whether work is left and the trials."""
+        with self.store.claim_lock():
+            retire_dead(self.study, self.store, self.study.get_trials(deepcopy=False))
+            queue_missing(self.study, self.plan, self.study.get_trials(deepcopy=False))
+            trials = self.study.get_trials(deepcopy=False)
+            yield work_left(self.plan, trials), trials
 
     def has_work(self):
-        with self.store.claim_lock():
-            return work_left(self.plan, self.prepare())
+        with self.claimed() as (has_work, _):
+            return has_work
 
     def claim(self):
         """The next trial, taken under the claim lock; None when no work is left."""
         deadline = self.plan["deadline"]
-        if _stopping or (deadline and time.time() >= deadline):
+        if cli.stop_signal or (deadline and time.time() >= deadline):
             return None
-        with self.store.claim_lock():
-            trials = self.prepare()
-            if not work_left(self.plan, trials):
+        with self.claimed() as (has_work, trials):
+            if not has_work:
                 return None
             self.study.sampler = make_sampler(self.plan, self.index, len(trials))
             trial = self.study.ask()
@@ -617,8 +564,6 @@ class Worker:
         save_dir, state, value, why, stop, result = trial_folder(plan, trial), None, None, "", None, {}
 
         def on_epoch(record):
-            if _stopping:  # a signal whose exception got lost (it can be, in an import)
-                raise cli.Stopped(_stopping)
             records.append(record)
             trial.report(record["val_acc"], record["epoch"])
             if trial.should_prune():
@@ -689,39 +634,7 @@ def blas_threads(workers):
     return threads
 
 
-_stopping = 0  # the first signal: no new trial, no new epoch
-
-
-def _on_signal(signum, frame):
-    """Stop as Ctrl-C does, once: a second signal must not cut short the recording of the
-    first. The flag stays, since CPython can drop the exception (e.g. inside an import)."""
-    global _stopping
-    if not _stopping:
-        _stopping = signum
-        raise cli.Stopped(signum)
-
-
-def catch_interrupts(parent=None):
-    """Stop cleanly on SIGINT, SIGTERM or SIGHUP (unless ignored), and when `parent` dies."""
-    for signum in STOP_SIGNALS:
-        if signal.getsignal(signum) is not signal.SIG_IGN:
-            signal.signal(signum, _on_signal)
-    read, write = os.pipe()
-    os.set_blocking(write, False)
-    signal.set_wakeup_fd(write)
-    threading.Thread(target=_relay, args=(read, parent), daemon=True).start()
-
-
-def _relay(read, parent):
-    """Pass the first signal on to the main thread, or SIGTERM once the parent is gone (kill -9
-    tells no one). A signal that lands on another thread (BLAS, tqdm) sets a flag that CPython
-    may not look at for seconds; one sent to the main thread is acted on at once."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    while not select.select([read], [], [], 0.5)[0]:
-        if parent and os.getppid() != parent:
-            signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
-            return
-    signal.pthread_kill(threading.main_thread().ident, os.read(read, 1)[0])
+catch_interrupts = cli.stop_on_signals  # a name the tests can stub
 
 
 def worker_main(plan, index):
@@ -746,10 +659,8 @@ def run_workers(plan):
     """Run the worker processes, pass a signal on to them, and say which ones failed."""
     for name in BLAS_VARIABLES:  # spawned children read these before importing NumPy
         os.environ[name] = str(blas_threads(plan["workers"]))
-    plan = {**plan, "parent_pid": os.getpid()}
-    context = multiprocessing.get_context("spawn")
-    processes = [context.Process(target=worker_main, args=(plan, i), name=f"worker-{i}")
-                 for i in range(plan["workers"])]
+    plan, spawn = {**plan, "parent_pid": os.getpid()}, multiprocessing.get_context("spawn")
+    processes = [spawn.Process(target=worker_main, args=(plan, i)) for i in range(plan["workers"])]
     for p in processes:
         p.start()
     try:
@@ -776,38 +687,35 @@ def run_workers(plan):
 # --- outputs ----------------------------------------------------------------------------------
 
 
-def trial_rows(study, plan):
-    """One dict per trial: state, parameters, best validation accuracy, losses, time."""
-    rows = []
-    for t in study.get_trials(deepcopy=False):
-        a = t.user_attrs
-        rows.append({
-            "number": t.number, "state": t.state.name, "best_val_acc": a.get("best_val_acc"),
-            "best_epoch": a.get("best_epoch"), "epochs_run": a.get("epochs_run"),
-            "final_train_loss": a.get("train_loss"), "final_val_loss": a.get("val_loss"),
-            "seconds": a.get("seconds"), "params": trial_params(t), "reason": failure(t),
-            "folder": trial_folder(plan, t), "host": a.get("worker", {}).get("host"),
-            "started": t.datetime_start and t.datetime_start.isoformat(timespec="seconds"),
-            "finished": t.datetime_complete and t.datetime_complete.isoformat(timespec="seconds"),
-            "retry_of": a.get("retry_of"), "config": a.get("config"),
-        })
-    return rows
+COLUMNS = ["number", "state", "best_val_acc", "best_epoch", "epochs_run", "final_train_loss",
+           "final_val_loss", "seconds", "reason", "folder", "host", "started", "finished"]
+
+
+def trial_row(trial, plan):
+    """A trial as one dict: state, parameters, best validation accuracy, losses, time."""
+    a, when = trial.user_attrs, lambda t: t and t.isoformat(timespec="seconds")
+    return {"number": trial.number, "state": trial.state.name,
+            "best_val_acc": a.get("best_val_acc"), "best_epoch": a.get("best_epoch"),
+            "epochs_run": a.get("epochs_run"), "final_train_loss": a.get("train_loss"),
+            "final_val_loss": a.get("val_loss"), "seconds": a.get("seconds"),
+            "params": trial_params(trial), "reason": failure(trial),
+            "folder": trial_folder(plan, trial), "host": a.get("worker", {}).get("host"),
+            "started": when(trial.datetime_start), "finished": when(trial.datetime_complete),
+            "retry_of": a.get("retry_of"), "config": a.get("config")}
 
 
 def write_tables(study, plan):
-    """trials.json and trials.csv in the output folder, rewritten whole (atomically)."""
-    rows, out, keys = trial_rows(study, plan), plan["out_dir"], list(plan["space"])
-    cli.write_json(os.path.join(out, FILES["json"]),
+    """trials.json (which also marks the folder as this study's) and trials.csv, each
+    rewritten whole and atomically."""
+    rows, keys = [trial_row(t, plan) for t in study.get_trials(deepcopy=False)], list(plan["space"])
+    cli.write_json(os.path.join(plan["out_dir"], FILES["json"]),
                    {"study": plan["study_name"], "storage": where(plan["storage"]),
                     "sampler": plan["sampler"], "space": plan["space"], "trials": rows})
-    columns = ["number", "state", "best_val_acc", "best_epoch", "epochs_run",
-               "final_train_loss", "final_val_loss", "seconds", *keys, "reason", "folder",
-               "host", "started", "finished"]
-    with cli.atomic_write(os.path.join(out, FILES["csv"]), "w") as f:
-        writer = csv.DictWriter(f, columns, extrasaction="ignore", lineterminator="\n")
+    with cli.atomic_write(os.path.join(plan["out_dir"], FILES["csv"]), "w") as f:
+        writer = csv.DictWriter(f, COLUMNS[:8] + keys + COLUMNS[8:], extrasaction="ignore",
+                                lineterminator="\n")
         writer.writeheader()
-        for row in rows:
-            writer.writerow({**row, **{k: row["params"].get(k) for k in keys}})
+        writer.writerows({**row, **{k: row["params"].get(k) for k in keys}} for row in rows)
 
 
 def check_out_dir(plan):
@@ -825,17 +733,15 @@ def check_out_dir(plan):
                         "give this study another --out-dir")
 
 
-def best_trial(study):
+def ranked(study):
+    """The complete trials, best first (of equals, the earlier)."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return max(complete, key=lambda t: (t.value, -t.number)) if complete else None
+    return sorted(complete, key=lambda t: (-t.value, t.number))
 
 
-def write_best(study, plan):
+def write_best(best, plan):
     """best_result.json in the report's format, and best.npy: the best trial's checkpoint,
     taken only from its folder in --out-dir and only once it loads as a checkpoint."""
-    best = best_trial(study)
-    if best is None:
-        return None
     config = best.user_attrs.get("config", {})
     source = os.path.join(trial_folder(plan, best), "best.npy")
     target = os.path.join(plan["out_dir"], FILES["model"])
@@ -860,15 +766,12 @@ def write_best(study, plan):
     return result
 
 
-def top_table(study, plan):
-    """The top-k complete trials as aligned text lines."""
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    ranked = sorted(complete, key=lambda t: (-t.value, t.number))[:plan["top_k"]]
-    keys = list(plan["space"])
+def top_table(trials, keys):
+    """The trials as aligned text lines under a header."""
     header = ["rank", "trial", "val_acc", "epochs", "seconds", *keys]
     rows = [[str(i), str(t.number), f"{t.value:.4f}", str(t.user_attrs.get("epochs_run", "")),
              f"{t.user_attrs.get('seconds', 0):.0f}", *(_fmt(t.params.get(k)) for k in keys)]
-            for i, t in enumerate(ranked, 1)]
+            for i, t in enumerate(trials, 1)]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     return ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [header, *rows]]
 
@@ -878,16 +781,15 @@ def _fmt(value):
 
 
 def summary(study):
-    """Counts of trials per state, e.g. '6 complete, 1 pruned, 1 failed'."""
+    """Counts of trials per state, e.g. '6 complete, 1 pruned, 1 failed, 1 running'."""
     trials = study.get_trials(deepcopy=False)
-    counts = {s: sum(t.state == s for t in trials) for s in TrialState}
-    cut = sum(interrupted(t) for t in trials)
-    parts = [f"{counts[TrialState.COMPLETE]} complete", f"{counts[TrialState.PRUNED]} pruned",
-             f"{counts[TrialState.FAIL] - cut} failed"]
-    for label, n in (("interrupted (rerun)", cut), ("running", counts[TrialState.RUNNING]),
-                     ("queued", counts[TrialState.WAITING])):
-        if n:
-            parts.append(f"{n} {label}")
+    n, cut = collections.Counter(t.state for t in trials), sum(interrupted(t) for t in trials)
+    parts = [f"{n[TrialState.COMPLETE]} complete", f"{n[TrialState.PRUNED]} pruned",
+             f"{n[TrialState.FAIL] - cut} failed"]
+    for label, count in (("interrupted (rerun)", cut), ("running", n[TrialState.RUNNING]),
+                         ("queued", n[TrialState.WAITING])):
+        if count:
+            parts.append(f"{count} {label}")
     return ", ".join(parts)
 
 
@@ -895,8 +797,8 @@ def summary(study):
 
 
 def optuna_plot(draw, path):
-    """Save the Axes that `draw(optuna.visualization.matplotlib)` returns; Optuna's pyplot
-    figure and style stay inside (the Agg backend: no window, no display)."""
+    """Save the plot `draw(optuna.visualization.matplotlib)` returns (Axes or an array of
+    them), with Optuna's style kept inside an rc_context; no display needed."""
     import matplotlib
     matplotlib.use("agg")
     import matplotlib.pyplot as plt
@@ -904,15 +806,15 @@ def optuna_plot(draw, path):
     import utils
     with matplotlib.rc_context(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Optuna's matplotlib plots are "experimental"
-        ax = draw(plots)
+        figure = np.ravel(draw(plots))[0].figure
         try:
-            utils.save_figure(ax.figure, path)
+            utils.save_figure(figure, path)
         finally:
-            plt.close(ax.figure)
+            plt.close(figure)
 
 
-def plot_search_history(study, path):
-    """Optuna's optimisation history: each trial's validation accuracy and the best so far."""
+def plot_history(study, path):
+    """Each trial's validation accuracy and the best so far, trials numbered as integers."""
     from matplotlib.ticker import MaxNLocator
 
     def draw(plots):
@@ -923,8 +825,8 @@ def plot_search_history(study, path):
 
 
 def plot_importance(study, path):
-    """Optuna's parameter importances, by PED-ANOVA named here (Optuna 4's default, fANOVA,
-    needs scikit-learn); returns the importances and why there are none."""
+    """Parameter importances by PED-ANOVA, named here (Optuna 4's default, fANOVA, needs
+    scikit-learn); returns the importances and why there are none."""
     evaluator = optuna.importance.PedAnovaImportanceEvaluator()
     try:
         with warnings.catch_warnings():
@@ -940,68 +842,40 @@ def plot_importance(study, path):
 
 
 def plot_top_pair(study, plan, importances):
-    """Validation accuracy over the two most important searched parameters that varied (or
-    the one), best per point, in val_acc_<a>_<b>.png; older such plots are removed."""
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import NullFormatter
-    import utils
+    """Validation accuracy against the two most important searched parameters that varied
+    (or the one), in val_acc_<a>_<b>.png; older such plots are removed."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     varied = [k for k in plan["space"] if len({str(t.params.get(k)) for t in complete}) > 1]
-    top = sorted(varied, key=lambda k: -importances.get(k, 0))[:2]
-    names = [k for k in plan["space"] if k in top]
+    names = sorted(varied, key=lambda k: -importances.get(k, 0))[:2]
     path = os.path.join(plan["out_dir"], f"val_acc_{'_'.join(names)}.png")
     for old in os.listdir(plan["out_dir"]):
         if re.fullmatch(r"val_acc_.*\.png", old) and old != os.path.basename(path):
             os.remove(os.path.join(plan["out_dir"], old))
-    if not names:
-        return None
-    cells = {}
-    for t in complete:
-        point = tuple(t.params[k] for k in names)
-        cells[point] = max(cells.get(point, -1.0), t.value)
-    accs = list(cells.values())
-    x, y = ([p[i] if _is_number(p[i]) else str(p[i]) for p in cells] for i in (0, -1))
-    y = y if len(names) == 2 else accs
-    fig = Figure(figsize=(6.5, 4.8), layout="constrained")
-    ax = fig.subplots()
-    points = ax.scatter(x, y, c=accs, s=250, cmap="viridis", edgecolors="black")
-    for at, acc in zip(zip(x, y), accs):
-        ax.annotate(f"{acc:.3f}", at, textcoords="offset points", xytext=(0, 11), ha="center",
-                    fontsize=8)
-    for name, values in (("x", x), ("y", y if len(names) == 2 else [])):
-        if values and all(_is_number(v) and v > 0 for v in values) and max(values) >= 10 * min(values):
-            ax.set(**{f"{name}scale": "log"})  # values spanning a decade or more, such as lr
-            getattr(ax, f"{name}axis").set_minor_formatter(NullFormatter())
-    ax.set(xlabel=names[0], ylabel=names[1] if len(names) == 2 else "validation accuracy",
-           title="Best validation accuracy over " + " and ".join(names))
-    fig.colorbar(points, ax=ax, label="validation accuracy")
-    utils.save_figure(fig, path)
-    return path
-
-
-def _is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if names:
+        optuna_plot(lambda plots: plots.plot_slice(
+            study, params=names, target_name="validation accuracy"), path)
+    return path if names else None
 
 
 def report(study, plan):
     """Write every output file, then print the top-k table and where things are."""
+    out, trials = plan["out_dir"], ranked(study)
     write_tables(study, plan)
-    best = write_best(study, plan)
-    plot_search_history(study, os.path.join(plan["out_dir"], FILES["history"]))
-    importances, why_not = plot_importance(study, os.path.join(plan["out_dir"], FILES["importance"]))
+    best = write_best(trials[0], plan) if trials else None
+    plot_history(study, os.path.join(out, FILES["history"]))
+    importances, why_not = plot_importance(study, os.path.join(out, FILES["importance"]))
     pair = plot_top_pair(study, plan, importances)
     print(f"\nStudy {plan['study_name']!r}: {summary(study)}")
     if best is None:
         print("No trial has completed yet.")
         return
-    table = top_table(study, plan)
-    print(f"Top {len(table) - 1} by validation accuracy:")
-    print("\n".join(table))
+    table = top_table(trials[:plan["top_k"]], list(plan["space"]))
+    print(f"Top {len(table) - 1} by validation accuracy:", *table, sep="\n")
     if why_not:
         print(f"(parameter importance not drawn: {why_not})")
     print(f"\nBest: trial {best['trial']}, validation accuracy {best['best_val_acc']:.4f}")
     files = [*FILES.values(), *([os.path.basename(pair)] if pair else [])]
-    print(f"Saved in {plan['out_dir']}: {', '.join(files)}")
+    print(f"Saved in {out}: {', '.join(files)}")
     if best["checkpoint"]:
         print(f"Evaluate it: python test.py --model {best['checkpoint']}")
     print(f"Browse the study: optuna-dashboard {where(plan['storage'])}")
@@ -1028,21 +902,6 @@ def status_line(study, plan):
 # --- command line -----------------------------------------------------------------------------
 
 
-def _bounded(kind, low, high=None):
-    """An argparse type: a number of `kind` (int or float) from low to high."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}"
-                                             f", got {text!r}") from None
-        if not low <= value <= (high or sys.float_info.max):  # nan and inf fail too
-            bounds = f"in [{low}, {high}]" if high else "positive" if low > 0 else ">= 0"
-            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
-        return value
-    return parse
-
-
 def _study_name(text):
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", text):
         raise argparse.ArgumentTypeError("use letters, digits, '.', '_' and '-'")
@@ -1052,56 +911,49 @@ def _study_name(text):
 def build_parser():
     parser = cli.Parser(
         description="Hyperparameter search over train.py's options with Optuna. Rerunning "
-                    "the same command resumes the search; browse it live with "
-                    "`optuna-dashboard OUT_DIR/study.journal`.",
-        epilog="--space items: KEY=V1,V2,... lists values (a grid dimension); KEY=LO:HI or "
-               "KEY=LO:HI:log is a range (random and tpe only). KEY is any training option "
-               "below (dashes or underscores; learning_rate and reg_lambda also work). "
-               "hidden_size values: 512 (both layers) or 512x256. Default space: "
-               f"{' '.join(DEFAULT_SPACE)}, plus {DEFAULT_DECAYS} with --lr-schedule step.")
+                    "the same command resumes it; browse it with `optuna-dashboard "
+                    "OUT_DIR/study.journal`.",
+        epilog="--space items: KEY=V1,V2,... lists values (a grid dimension); KEY=LO:HI[:log] "
+               "is a range (random and tpe only). KEY is any training option below "
+               "(learning_rate and reg_lambda also work); hidden_size values: 512 or 512x256. "
+               f"Default: {' '.join(DEFAULT_SPACE)}, plus {DEFAULT_DECAYS} with --lr-schedule step.")
     s = parser.add_argument_group("search")
     s.add_argument("--space", nargs="+", action="extend", metavar="KEY=VALUES",
-                   help="searched options (default: the space in the epilog)")
-    s.add_argument("--space-file", metavar="FILE",
-                   help='JSON object, e.g. {"lr": [0.01, 0.05], "reg": {"low": 1e-4, "high": '
-                        '1e-2, "log": true}}; --space items override its keys')
+                   help="searched options (default: see below)")
+    s.add_argument("--space-file", metavar="FILE", help='the same as JSON, e.g. {"lr": [0.01, '
+                   '0.05], "reg": {"low": 1e-4, "high": 1e-2, "log": true}}; --space wins')
     s.add_argument("--sampler", choices=SAMPLERS, default="grid",
-                   help="grid: each combination exactly once; random; tpe")
-    s.add_argument("--n-trials", type=_bounded(int, 1), metavar="N",
-                   help="trials in the whole study, counting those of earlier runs (default: "
-                        "the whole grid; 20 for random and tpe unless --timeout is given)")
-    s.add_argument("--timeout", type=_bounded(float, 1e-9), metavar="SECONDS",
+                   help="grid runs each combination exactly once")
+    s.add_argument("--n-trials", type=cli.bounded(int, 1), metavar="N",
+                   help="trials in the whole study, over all runs (default: the grid; 20 for "
+                        "random and tpe without --timeout)")
+    s.add_argument("--timeout", type=cli.bounded(float, 1e-9), metavar="SECONDS",
                    help="start no trial after this many seconds of this run")
     s.add_argument("--pruner", choices=PRUNERS, default="none",
-                   help="stop poor trials early on their per-epoch validation accuracy: "
-                        "median or successive halving")
-    s.add_argument("--prune-startup", type=_bounded(int, 0), default=5, metavar="N",
+                   help="stop poor trials early on their per-epoch validation accuracy")
+    s.add_argument("--prune-startup", type=cli.bounded(int, 0), default=5, metavar="N",
                    help="median: complete trials before any pruning")
-    s.add_argument("--prune-warmup", type=_bounded(int, 0), default=1, metavar="EPOCHS",
+    s.add_argument("--prune-warmup", type=cli.bounded(int, 0), default=1, metavar="EPOCHS",
                    help="epochs every trial runs before it may be pruned")
-    s.add_argument("--workers", type=_bounded(int, 1, MAX_WORKERS), default=1, metavar="N",
-                   help=f"local worker processes, at most {MAX_WORKERS} (4 per core); each "
-                        "gets cores/N BLAS threads")
+    s.add_argument("--workers", type=cli.bounded(int, 1, MAX_WORKERS), default=1, metavar="N",
+                   help=f"local processes, at most {MAX_WORKERS}; each gets cores/N BLAS threads")
     s.add_argument("--storage", metavar="URL_OR_FILE",
-                   help="a journal file (default: OUT_DIR/study.journal) or a PostgreSQL URL "
-                        "(postgresql+psycopg2://user@host/db: every machine running the same "
-                        "command shares the work); no other database")
+                   help="a journal file (default: OUT_DIR/study.journal) or a postgresql:// URL "
+                        "that machines running the same command share")
     s.add_argument("--study-name", type=_study_name, default="search",
                    help="the study to create or resume")
     s.add_argument("--out-dir", metavar="DIR",
-                   help="trials and results, one study per folder (default: results/STUDY_NAME)")
-    s.add_argument("--top-k", type=_bounded(int, 1), default=10, metavar="K",
+                   help="trials and results of one study (default: results/STUDY_NAME)")
+    s.add_argument("--top-k", type=cli.bounded(int, 1), default=10, metavar="K",
                    help="rows of the printed table")
-    s.add_argument("--sampler-seed", type=_bounded(int, 0, 2**32 - 1), metavar="N",
-                   help="seed of the random and tpe samplers, 0 to 2**32-1; each trial's seed "
-                        "derives from it, the worker and the trials so far")
+    s.add_argument("--sampler-seed", type=cli.bounded(int, 0, 2**32 - 1), metavar="N",
+                   help="seed of random and tpe (0 to 2**32-1): the same commands draw the "
+                        "same points")
     s.add_argument("--preset", choices=sorted(cfg.PRESETS), default=DEFAULT_PRESET,
-                   help=f"training recipe the options below change")
+                   help="training recipe the options below change")
     preset = ", ".join(f"{k}={v}" for k, v in cfg.PRESETS[DEFAULT_PRESET].items())
-    t = parser.add_argument_group(
-        "training options, the same for every trial",
-        f"The defaults shown are config.py's; the default --preset {DEFAULT_PRESET} changes "
-        f"them to {preset}.")
+    t = parser.add_argument_group("training options, the same for every trial", f"Defaults "
+                                  f"are config.py's; --preset {DEFAULT_PRESET} sets {preset}.")
     cli.add_config_options(t, TRAIN_OPTIONS, cfg.HELP,
                            {**cfg.CHOICES, "activation": sorted(model.ACTIVATIONS)}, cfg.ALIASES)
     return parser

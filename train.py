@@ -207,6 +207,8 @@ def _train(config, data, on_epoch, progress, evaluate_test, verbose, resume):
     signum = None
     try:
         while not run["stopped"] and run["epoch"] < config["epochs"]:
+            if cli.stop_signal:  # caught by cli.stop_on_signals, its exception dropped
+                raise cli.Stopped(cli.stop_signal)
             epoch = run["epoch"] + 1
             start = time.perf_counter()
             train_loss, train_acc, lr, flops = train_epoch(net, optimizer, x_train, y_train,
@@ -259,6 +261,7 @@ def _train(config, data, on_epoch, progress, evaluate_test, verbose, resume):
 
 
 def main(argv):
+    cli.stop_on_signals()  # the first signal stops cleanly; later ones wait for the cleanup
     parser = cli.Parser(description="Train the three-layer network on CIFAR-10. Every "
                         "configuration key is an option; the defaults are config.py's.")
     parser.add_argument("--preset", default="default", choices=sorted(cfg.PRESETS),
