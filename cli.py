@@ -109,7 +109,7 @@ def overrides(args, defaults):
 def run(main, argv=None):
     """Call `main(argv)` and turn failures into the project's error lines and exit codes."""
     argv = sys.argv[1:] if argv is None else argv
-    handle_signals()
+    stop_on_signals()
     debug = "--debug" in argv or os.environ.get("MLP_DEBUG", "") not in ("", "0")
     try:
         code = main(argv)
@@ -221,31 +221,39 @@ class Stopped(KeyboardInterrupt):
         self.signum = signum
 
 
-def _raise_stopped(signum, frame):
-    raise Stopped(signum)
-
-
-def handle_signals():
-    """Make SIGTERM and SIGHUP (a scheduler, `kill`, a closed terminal) act like Ctrl-C."""
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, _raise_stopped)
-
-
-stop_signal = 0  # the first signal that stop_on_signals caught: start no new work
+stop_signal = 0  # the first signal caught: start no new work (checked at safe points too)
+_deferred = {"depth": 0, "pending": False}  # see signals_deferred
 
 
 def _stop_once(signum, frame):
-    """Raise Stopped for the first signal only, so a second cannot cut short the cleanup."""
+    """Raise Stopped for the first signal only, so a second cannot cut short the cleanup;
+    inside signals_deferred, only note it."""
     global stop_signal
-    if not stop_signal:
-        stop_signal = signum
+    if stop_signal:
+        return
+    stop_signal = signum
+    if signum == signal.SIGHUP:  # the terminal is gone: writing to it would fail
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for fd in (1, 2):
+            if os.isatty(fd):
+                os.dup2(devnull, fd)
+        os.close(devnull)
+    if _deferred["depth"]:
+        _deferred["pending"] = True
+    else:
         raise Stopped(signum)
 
 
+_relayed = []  # (pid, parent) pairs that stop_on_signals has set up
+
+
 def stop_on_signals(parent=None):
-    """Stop once on SIGINT, SIGTERM or SIGHUP (unless ignored), and when process `parent`
-    is gone. CPython may drop the exception (e.g. inside an import): check `stop_signal`
-    at safe points too."""
+    """Stop once on SIGINT, SIGTERM or SIGHUP (unless ignored, as under nohup), and when
+    process `parent` is gone. CPython may drop the exception (e.g. inside an import):
+    check `stop_signal` at safe points too."""
+    if (os.getpid(), parent) in _relayed:
+        return
+    _relayed.append((os.getpid(), parent))
     stops = (signal.SIGINT, *STOP_SIGNALS)
     for signum in stops:
         if signal.getsignal(signum) is not signal.SIG_IGN:
@@ -269,14 +277,16 @@ def _relay(read, parent, stops):
 
 @contextlib.contextmanager
 def signals_deferred():
-    """Hold back Ctrl-C, SIGTERM and SIGHUP while the block runs (a write that must finish);
-    a signal that came meanwhile is delivered as the block ends."""
-    held = {signal.SIGINT, *STOP_SIGNALS}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    """Hold back the stop that a signal asks for while the block runs (writes that belong
+    together); it comes as the block ends. Works whichever thread the signal landed on."""
+    _deferred["depth"] += 1
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        _deferred["depth"] -= 1
+        if not _deferred["depth"] and _deferred["pending"]:
+            _deferred["pending"] = False
+            raise Stopped(stop_signal)
 
 
 def flocked(path, wait=True):
@@ -299,14 +309,22 @@ def folder_lock(folder, what="--save-dir"):
     """
     writable_folder(folder)
     path = os.path.join(folder or ".", ".lock")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:  # never through a link, never a FIFO or device: it is written to
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     0o644)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(errno.EINVAL, "not a regular file")
+    except OSError as exc:
+        raise Error(f"cannot use {shown(path)} as the folder's lock: "
+                    f"{exc.strerror or exc}; remove it") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise Error(f"{folder} is in use by another run (pid {holder}); wait for it to "
-                        f"finish or choose another {what}") from None
+            raise Error(f"{shown(folder)} is in use by another run (pid {shown(holder)}); "
+                        f"wait for it to finish or choose another {what}") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield

@@ -24,7 +24,7 @@ OPTIONS = {
     "hidden_size": Option([1024, 1024], "sizes of the two hidden layers: one int for both, "
                           "or two ints"),
     "activation": Option("relu", "hidden-layer activation (model.ACTIVATIONS)"),
-    "epochs": Option(100, "passes over the training split", range=POSITIVE),
+    "epochs": Option(100, "passes over the training split", range="(0, 10000]"),
     "batch_size": Option(128, "images per SGD step", range=POSITIVE),
     "lr": Option(0.05, "peak learning rate", range=POSITIVE),
     "lr_schedule": Option("onecycle", "learning-rate schedule after warmup: step (multiply by "
@@ -46,7 +46,7 @@ OPTIONS = {
                      "training split, each scaled to unit variance (ZCA up to a rotation); "
                      "0 = per-pixel standardisation only", range="[0, 3072]"),
     "whiten_eps": Option(0.1, "whitening damping, as a share of the mean kept eigenvalue",
-                         range=NON_NEGATIVE),
+                         range="(0, 100]"),
     "flip_average": Option(True, "predict each validation and test image as the average of "
                            "it and its mirror image (stored in the checkpoint)"),
     "flip": Option(True, "random horizontal flips of training images"),

@@ -553,9 +553,13 @@ def fit_preprocessing(images, whiten=0, eps=0.1, sample=10000):
     mean, std = compute_stats(images)
     if not whiten:
         return Preprocessing(mean, std), 0
+    if whiten > min(len(images), sample):  # more components than images to estimate them
+        raise cli.UsageError(f"--whiten {whiten} is more than the {min(len(images), sample)} "
+                             f"training images the whitening is computed from")
     x = normalize(images[:sample], mean, std)
     covariance = (x.T @ x).astype(np.float64) / len(x)
     values, vectors, flops = leading_eigenvectors(covariance, whiten)
+    values = np.maximum(values, 0)  # rounding can make a zero eigenvalue slightly negative
     whitening = vectors / np.sqrt(values + eps * values.mean())
     return Preprocessing(mean, std, whitening.astype(np.float32)), flops + 2 * x.size * len(x.T)
 

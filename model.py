@@ -317,7 +317,8 @@ CENTRAL_BYTES_PER_MEMBER = 1024  # a member's zip directory entry (NumPy's take 
 NPY_HEADER_BYTES = 4096  # the largest .npy header accepted (NumPy writes 128 bytes)
 MAX_WEIGHT_BYTES = 1 << 27  # 128 MiB: a 4096 x 4096 float64 or a 5792 x 5792 float32 matrix
 MAX_VECTOR_BYTES = 1 << 20  # a bias, mean or std: up to 131,072 float64 values
-MAX_META_BYTES = 1 << 22  # the JSON string, 4 bytes a character: 1 Mi characters
+MAX_META_BYTES = 1 << 24  # the JSON string, 4 bytes a character: a state's history of
+# 10,000 epochs (config.py's limit) takes about 8 MB
 
 # A run state (train.STATE_FILE) is a checkpoint with the optimiser's velocities besides.
 CHECKPOINT_MEMBERS = {
@@ -421,6 +422,7 @@ def _checkpoint_from_arrays(path, arrays, extra_arrays):
                                                 for n in class_names),
          f"class_names is not a list of names of 1 to {MAX_NAME} characters")
     need(isinstance(meta.get("config", {}), dict), "config is not a dict")
+    need(isinstance(meta.get("flip_average", False), bool), "flip_average is not true or false")
     params = {k: arrays[k] for k in PARAM_NAMES}
     dtype = params["w1"].dtype
     need(dtype in (np.float32, np.float64), f"weights have dtype {dtype}, not float32/64")

@@ -131,7 +131,27 @@ def save_state(path, net, optimizer, rng, prep, config, run):
                     rng=rng.bit_generator.state)
 
 
-def load_state(path, config, net, optimizer, rng):
+def check_run(run, epochs):
+    """Refuse (ValueError) a progress record that is not one new_run and training write."""
+    fresh = new_run()
+    if not (isinstance(run, dict) and set(run) == set(fresh)):
+        raise ValueError(f"its record holds not just {', '.join(fresh)}")
+    numbers = [run[k] for k in ("epoch", "best_epoch", "best_acc", "flops")]
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in numbers):
+        raise ValueError("a count that is not a number")
+    if not (isinstance(run["epoch"], int) and isinstance(run["best_epoch"], int)
+            and 0 <= run["best_epoch"] <= run["epoch"] <= epochs
+            and isinstance(run["history"], list) and len(run["history"]) == run["epoch"]
+            and all(isinstance(r, dict) for r in run["history"])
+            and run["stopped"] in (None, "early_stopping")):
+        raise ValueError(f"epochs that do not add up (epoch {run['epoch']!r} of {epochs})")
+
+
+def _same(a, b):
+    return (a is None) == (b is None) and (a is None or np.array_equal(a, b))
+
+
+def load_state(path, config, net, optimizer, rng, prep):
     """Put the run saved at `path` into net, optimizer and rng; return its progress record.
 
     Refuses a state whose configuration differs from `config`, naming the keys.
@@ -141,7 +161,7 @@ def load_state(path, config, net, optimizer, rng):
                         f"{STATE_FILE}; start the run without --resume")
     shapes = {name: v.shape for name, v in optimizer.state().items()}
     saved, meta = model.load_checkpoint(path, extra_arrays=shapes)
-    stored = meta["config"]
+    stored = meta.get("config", {})
     differ = sorted(k for k in set(stored) | set(config)
                     if k not in LOCAL_KEYS and stored.get(k) != config.get(k))
     if differ:
@@ -149,11 +169,14 @@ def load_state(path, config, net, optimizer, rng):
             f"--{k.replace('_', '-')} {stored.get(k)} (given {config.get(k)})" for k in differ))
     run = meta.get("run")
     try:
-        if not (isinstance(run, dict) and set(new_run()) <= set(run)):
-            raise ValueError(f"no {', '.join(new_run())}")
+        check_run(run, config["epochs"])
         rng.bit_generator.state = meta["rng"]
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise model.CheckpointError(f"{path} is not a valid run state ({exc})") from None
+    saved_prep = meta["prep"]
+    if not all(_same(a, b) for a, b in zip(saved_prep, prep)):
+        raise cli.Error(f"--resume: {path} was saved on other data (its normalisation "
+                        f"statistics or whitening differ from this data's)")
     for name, p in net.params.items():
         p[...] = getattr(saved, name)
     optimizer.load_state(meta)
@@ -202,7 +225,7 @@ def _train(config, data, on_epoch, progress, evaluate_test, verbose, resume):
     verbose = progress if verbose is None else verbose
     say = (tqdm.write if progress else print) if verbose else (lambda message: None)
     if resume:
-        run = load_state(path[STATE_FILE], config, net, optimizer, rng)
+        run = load_state(path[STATE_FILE], config, net, optimizer, rng, prep)
         say(f"resuming {config['save_dir']} after epoch {run['epoch']} of {config['epochs']}")
     signum = None
     try:
@@ -219,13 +242,13 @@ def _train(config, data, on_epoch, progress, evaluate_test, verbose, resume):
                       "val_loss": val_loss, "val_acc": val_acc, "lr": lr,
                       "tflop": run["flops"] / 1e12, "seconds": time.perf_counter() - start}
             improved = val_acc > run["best_acc"]
-            run["epoch"] = epoch
-            run["history"].append(record)
-            if improved:
-                run["best_acc"], run["best_epoch"] = val_acc, epoch
-            if config["patience"] and epoch - run["best_epoch"] >= config["patience"]:
-                run["stopped"] = "early_stopping"
-            with cli.signals_deferred():  # a signal now waits until the files are complete
+            with cli.signals_deferred():  # a signal now waits until run and files agree
+                run["epoch"] = epoch
+                run["history"].append(record)
+                if improved:
+                    run["best_acc"], run["best_epoch"] = val_acc, epoch
+                if config["patience"] and epoch - run["best_epoch"] >= config["patience"]:
+                    run["stopped"] = "early_stopping"
                 if improved:
                     save_checkpoint(path[BEST_FILE], net, prep, config, epoch=epoch,
                                     val_acc=val_acc)
@@ -241,7 +264,8 @@ def _train(config, data, on_epoch, progress, evaluate_test, verbose, resume):
             say(f"no better validation accuracy for {config['patience']} epochs: stopped")
     except KeyboardInterrupt as exc:
         signum = getattr(exc, "signum", 2)
-        say(f"interrupted: the best checkpoint so far is kept in {path[BEST_FILE]}")
+        if run["best_epoch"]:
+            say(f"interrupted: the best checkpoint so far is kept in {path[BEST_FILE]}")
     if run["history"]:
         import utils  # matplotlib is loaded only when there is something to draw
         utils.plot_history(run["history"], path[CURVES_FILE])
@@ -250,8 +274,8 @@ def _train(config, data, on_epoch, progress, evaluate_test, verbose, resume):
     if evaluate_test and run["best_epoch"]:
         best, meta = model.load_checkpoint(path[BEST_FILE])
         test_acc = evaluate(best, test_images, test_labels, meta["prep"],
-                            meta["flip_average"])[1]
-        if meta["flip_average"]:  # reported with and without it
+                            meta.get("flip_average"))[1]
+        if meta.get("flip_average"):  # reported with and without it
             test_acc_single = evaluate(best, test_images, test_labels, meta["prep"])[1]
     return {"history": run["history"], "best_val_acc": run["best_acc"],
             "best_epoch": run["best_epoch"], "epochs_run": len(run["history"]),
@@ -261,7 +285,6 @@ def _train(config, data, on_epoch, progress, evaluate_test, verbose, resume):
 
 
 def main(argv):
-    cli.stop_on_signals()  # the first signal stops cleanly; later ones wait for the cleanup
     parser = cli.Parser(description="Train the three-layer network on CIFAR-10. Every "
                         "configuration key is an option; the defaults are config.py's.")
     parser.add_argument("--preset", default="default", choices=sorted(cfg.PRESETS),
@@ -283,7 +306,8 @@ def main(argv):
                    resume=args.resume)
     minutes = (time.perf_counter() - start) / 60
     if not result["best_epoch"]:
-        raise cli.Error("interrupted before the first epoch ended: nothing was saved")
+        sys.stderr.write("stopped before the first epoch ended: nothing was saved\n")
+        return 128 + (result["signal"] or 2)
     print(f"Best validation accuracy: {result['best_val_acc']:.4f} (epoch {result['best_epoch']} "
           f"of {result['epochs_run']}, {result['stopped']}, {minutes:.1f} min)")
     print(f"Saved: {result['checkpoint']}, {HISTORY_FILE} and {CURVES_FILE} in "

@@ -225,3 +225,93 @@ def test_train_function_resumes_for_callers(tmp_path):
     strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
     assert strip(resumed["history"]) == strip(whole["history"])
     assert resumed["test_acc"] == whole["test_acc"] and resumed["stopped"] == "completed"
+
+
+# --- found by an adversarial review -----------------------------------------------------------
+
+DEFER = """
+import os, signal, sys, threading, time
+sys.path.insert(0, sys.argv[1])
+import cli
+cli.stop_on_signals()
+threading.Thread(target=time.sleep, args=(5,), daemon=True).start()  # a thread to land on
+finished = False
+try:
+    with cli.signals_deferred():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1.0)
+        finished = True
+except cli.Stopped as exc:
+    print("stopped after the block" if finished else "stopped inside the block", exc.signum)
+"""
+
+
+def test_a_signal_waits_for_the_end_of_a_deferred_block():
+    done = subprocess.run([sys.executable, "-c", DEFER, str(ROOT)], capture_output=True,
+                          text=True, timeout=60)
+    assert done.stdout.split() == ["stopped", "after", "the", "block", str(int(signal.SIGTERM))]
+
+
+def test_a_run_under_nohup_ignores_sighup(data_dir, tmp_path):
+    process = subprocess.Popen(command(data_dir, tmp_path), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=environment(),
+                               preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    wait_for_epoch(process, tmp_path)
+    process.send_signal(signal.SIGHUP)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert "epoch   8" in out
+
+
+def test_a_signal_before_the_first_epoch_still_exits_128_plus_it(data_dir, tmp_path):
+    process = start(data_dir, tmp_path, "--hidden-size", "2048", "2048", "--whiten", "0",
+                    "--batch-size", "1")
+    deadline = time.monotonic() + 60
+    while not (tmp_path / ".lock").exists():  # the run holds its folder: data are loaded
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143, err
+    assert len(err.splitlines()) == 1 and "stopped" in err and not (tmp_path / "best.npy").exists()
+
+
+def test_a_lock_that_is_a_link_is_refused_and_its_target_untouched(data_dir, tmp_path):
+    precious = tmp_path / "precious.txt"
+    precious.write_text("precious")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".lock").symlink_to(precious)
+    code, out, err = run(data_dir, tmp_path / "run")
+    assert code == 1 and out == "" and err.startswith("error: cannot use") and "lock" in err
+    assert precious.read_text() == "precious"
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"epoch": -3}, "do not add up"), ({"epoch": 99}, "do not add up"),
+    ({"history": "x"}, "do not add up"), ({"best_acc": "x"}, "not a number"),
+    ({"stopped": "\x1b[31mred"}, "do not add up"), ({"extra": 1}, "not just")])
+def test_a_crafted_run_state_is_one_clear_error(data_dir, tmp_path, change, message):
+    assert run(data_dir, tmp_path, "--epochs", "2")[0] == 0
+    state = tmp_path / train.STATE_FILE
+    with np.load(state) as archive:
+        arrays = {k: archive[k] for k in archive.files}
+    meta = json.loads(str(arrays["meta"]))
+    meta["run"].update(change)
+    arrays["meta"] = np.array(json.dumps(meta))
+    np.savez(state, **arrays)
+    code, out, err = run(data_dir, tmp_path, "--epochs", "2", "--resume")
+    assert code == 1 and err.count("\n") == 1 and "not a valid run state" in err, err
+    assert message in err and "\x1b" not in out + err
+
+
+def test_resume_on_other_data_is_refused(data_dir, tmp_path):
+    other = tmp_path / "other"
+    make_cifar_dir(other, n_per_batch=40, seed=7)
+    assert run(data_dir, tmp_path / "run", "--epochs", "2")[0] == 0
+    code, _, err = run(other, tmp_path / "run", "--epochs", "2", "--resume")
+    assert code == 1 and "other data" in err and err.count("\n") == 1, err
+
+
+def test_more_whitened_components_than_images_is_a_usage_error(data_dir, tmp_path):
+    code, out, err = run(data_dir, tmp_path, "--whiten", "400")
+    assert code == 2 and out == "" and "--whiten 400 is more than the 160" in err, err
