@@ -250,7 +250,7 @@ def test_kill_9_of_train_py_leaves_loadable_consistent_files(tmp_path, data_dir)
     rng = np.random.default_rng(1)
     for run in range(4):
         save_dir = tmp_path / f"run{run}"
-        args = [sys.executable, str(ROOT / "train.py"), *TINY, "--epochs", "100000",
+        args = [sys.executable, str(ROOT / "train.py"), *TINY, "--epochs", "10000",
                 "--data-dir", data_dir, "--save-dir", save_dir, "--no-progress", "--seed", run]
         process = subprocess.Popen(list(map(str, args)), stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL, env=environment())
@@ -412,7 +412,8 @@ TRAIN_BAD = [
     (["--hidden-size", "-4"], 2, "--hidden-size"),
     (["--hidden-size"], 2, "expected at least one argument"),
     (["--activation", "nope"], 2, "invalid choice: 'nope'"),
-    (["--epochs", "0"], 2, "--epochs must be positive"),
+    (["--epochs", "0"], 2, "--epochs must be in (0, 10000]"),
+    (["--epochs", "10001"], 2, "--epochs must be in (0, 10000]"),
     (["--epochs", "1.5"], 2, "invalid int value"),
     (["--batch-size", "0"], 2, "--batch-size must be positive"),
     (["--momentum", "1"], 2, "--momentum must be in [0, 1)"),

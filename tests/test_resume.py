@@ -190,7 +190,7 @@ def test_resume_refuses_other_options_no_state_and_a_bad_state(data_dir, tmp_pat
 
 
 def test_a_busy_folder_is_refused_at_once_and_a_dead_holder_never_blocks(data_dir, tmp_path):
-    first = start(data_dir, tmp_path, "--epochs", "100000")
+    first = start(data_dir, tmp_path, "--epochs", "10000")
     try:
         wait_for_epoch(first, tmp_path)
         code, out, err = run(data_dir, tmp_path)
