@@ -232,11 +232,12 @@ def _stop_once(signum, frame):
     if stop_signal:
         return
     stop_signal = signum
-    if signum == signal.SIGHUP:  # the terminal is gone: writing to it would fail
+    if signum == signal.SIGHUP:  # the terminal is gone: writing to it would fail (EIO)
         devnull = os.open(os.devnull, os.O_WRONLY)
         for fd in (1, 2):
-            if os.isatty(fd):
-                os.dup2(devnull, fd)
+            with contextlib.suppress(OSError):  # a hung-up terminal is no longer a "tty"
+                if stat.S_ISCHR(os.fstat(fd).st_mode):
+                    os.dup2(devnull, fd)
         os.close(devnull)
     if _deferred["depth"]:
         _deferred["pending"] = True

@@ -315,3 +315,24 @@ def test_resume_on_other_data_is_refused(data_dir, tmp_path):
 def test_more_whitened_components_than_images_is_a_usage_error(data_dir, tmp_path):
     code, out, err = run(data_dir, tmp_path, "--whiten", "400")
     assert code == 2 and out == "" and "--whiten 400 is more than the 160" in err, err
+
+
+def test_a_closed_terminal_stops_the_run_cleanly(data_dir, tmp_path):
+    """SIGHUP from a terminal that went away: writes to it fail with EIO, yet the run
+    draws its curves, keeps its state and exits 129."""
+    import pty
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: train.py on the terminal, stderr to a file
+        err = os.open(tmp_path / "err.txt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(err, 2)
+        os.environ.update(environment())
+        os.execv(sys.executable, command(data_dir, tmp_path / "run", "--epochs", "10000"))
+    seen, deadline = b"", time.monotonic() + 60
+    while b"epoch   1 " not in seen and time.monotonic() < deadline:
+        seen += os.read(fd, 1 << 16)
+    os.close(fd)  # the terminal goes away: SIGHUP, then EIO on every write to it
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 129, (tmp_path / "err.txt").read_text()
+    assert (tmp_path / "run" / "curves.png").exists()
+    assert "--resume" in (tmp_path / "err.txt").read_text()
