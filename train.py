@@ -117,8 +117,9 @@ def new_run():
             "flops": 0}
 
 
-def save_checkpoint(path, net, prep, config, arrays=None, **extra):
-    """best.npy, or with the optimiser's arrays the run state: all that inference needs."""
+def save_model(path, net, prep, config, arrays=None, **extra):
+    """best.npy (all that inference needs: weights, preprocessing, flip averaging), or with
+    the optimiser's arrays the run state, through model.save_checkpoint."""
     whitening = {} if prep.whitening is None else {"whitening": prep.whitening}
     model.save_checkpoint(path, net, prep.mean, prep.std, data_loader.CLASS_NAMES, config,
                           arrays={**whitening, **(arrays or {})},
@@ -127,7 +128,7 @@ def save_checkpoint(path, net, prep, config, arrays=None, **extra):
 
 def save_state(path, net, optimizer, rng, prep, config, run):
     """Write everything a resumed run needs after an epoch, atomically."""
-    save_checkpoint(path, net, prep, config, optimizer.state(), run=run,
+    save_model(path, net, prep, config, optimizer.state(), run=run,
                     rng=rng.bit_generator.state)
 
 
@@ -250,8 +251,8 @@ def _train(config, data, on_epoch, progress, evaluate_test, verbose, resume):
                 if config["patience"] and epoch - run["best_epoch"] >= config["patience"]:
                     run["stopped"] = "early_stopping"
                 if improved:
-                    save_checkpoint(path[BEST_FILE], net, prep, config, epoch=epoch,
-                                    val_acc=val_acc)
+                    save_model(path[BEST_FILE], net, prep, config, epoch=epoch,
+                               val_acc=val_acc)
                 cli.write_json(path[HISTORY_FILE], {"config": config, "training_tflop":
                                                     run["flops"] / 1e12, "epochs": run["history"]})
                 save_state(path[STATE_FILE], net, optimizer, rng, prep, config, run)

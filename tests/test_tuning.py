@@ -644,16 +644,27 @@ def test_the_history_plot_numbers_trials_with_whole_numbers(tmp_path, data_dir, 
 # --- signals, kills and busy folders ------------------------------------------------------
 
 
-def test_sigterm_to_a_two_worker_search_stops_every_process(tmp_path, data_dir, monkeypatch):
+LONG_PAIR = ["--space", "epochs=100,101", "--hidden-size", "8", "--workers", "2"]
+
+
+def start_two_workers(tmp_path, data_dir):
+    """A search whose two workers are both training: (out, journal, parent, worker pids)."""
     out, journal = tmp_path / "out", tmp_path / "out" / "study.journal"
-    args = ["--space", "epochs=100,101", "--hidden-size", "8", "--workers", "2"]
-    parent = start(out, data_dir, *args, log=tmp_path / "log")
+    parent = start(out, data_dir, *LONG_PAIR, log=tmp_path / "log")
     try:
         wait_for(lambda: len(running_trials(journal)) == 2, "both workers to train")
-        workers = descendants(parent.pid)
+    except BaseException:
+        os.killpg(parent.pid, signal.SIGKILL)
+        raise
+    return out, journal, parent, descendants(parent.pid)
+
+
+def test_sigterm_to_a_two_worker_search_stops_every_process(tmp_path, data_dir, monkeypatch):
+    out, journal, parent, workers = start_two_workers(tmp_path, data_dir)
+    try:
         with pytest.raises(cli.Error, match=f"{out} is in use by another run \\(pid "
                                             f"{parent.pid}\\)"):  # one search per folder
-            search(out, data_dir, *args, monkeypatch=monkeypatch)
+            search(out, data_dir, *LONG_PAIR, monkeypatch=monkeypatch)
         parent.send_signal(signal.SIGTERM)  # the parent only, as a scheduler does
         assert parent.wait(timeout=60) == 128 + signal.SIGTERM, (tmp_path / "log").read_text()
     finally:
@@ -667,12 +678,8 @@ def test_sigterm_to_a_two_worker_search_stops_every_process(tmp_path, data_dir, 
 
 
 def test_workers_stop_when_their_parent_is_killed(tmp_path, data_dir):
-    out, journal = tmp_path / "out", tmp_path / "out" / "study.journal"
-    args = ["--space", "epochs=100,101", "--hidden-size", "8", "--workers", "2"]
-    parent = start(out, data_dir, *args, log=tmp_path / "log")
+    _, journal, parent, workers = start_two_workers(tmp_path, data_dir)
     try:
-        wait_for(lambda: len(running_trials(journal)) == 2, "both workers to train")
-        workers = descendants(parent.pid)
         parent.kill()  # the parent alone, without a word to its workers
         parent.wait()
         wait_for(lambda: not [pid for pid in workers if alive(pid)], "the workers to stop")
