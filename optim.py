@@ -17,16 +17,17 @@ REGULARIZED = ("w1", "w2", "w3")
 class SGD:
     """Minibatch SGD with L2 and optional (Nesterov) momentum.
 
-    The update runs over cache-sized blocks, so that its few elementwise passes hit the CPU
-    cache instead of memory (about twice as fast on wide layers).
+    The update is memory-bound: it runs over cache-sized blocks, so that its few elementwise
+    passes hit the CPU cache instead of memory, and writes no temporaries (a scratch block).
     """
 
-    BLOCK = 1 << 15  # float32 elements: 128 KB per array, three arrays fit in L2
+    BLOCK = 1 << 18  # elements (1 MB of float32): the fastest of 2**15 ... 2**19 here
 
     def __init__(self, params, momentum=0.0, nesterov=False, reg=0.0):
         self.momentum, self.nesterov = momentum, nesterov
         self.reg = {name: reg if name in REGULARIZED else 0.0 for name in params}
         self.velocity = {k: np.zeros_like(p) for k, p in params.items()} if momentum else {}
+        self.scratch = np.empty(self.BLOCK, next(iter(params.values())).dtype)
 
     def state(self):
         return {f"velocity_{k}": v for k, v in self.velocity.items()}
@@ -48,8 +49,9 @@ class SGD:
                              self.reg[name])
 
     def _update(self, p, g, v, lr, reg):
+        scratch = self.scratch[:p.size]
         if reg:
-            g += reg * p
+            g += np.multiply(p, reg, out=scratch)
         g *= lr
         if v is None:
             p -= g
@@ -58,7 +60,7 @@ class SGD:
         v -= g
         if self.nesterov:  # look ahead: p += mu * v_new - lr * g
             p -= g
-            p += self.momentum * v
+            p += np.multiply(v, self.momentum, out=scratch)
         else:
             p += v
 
