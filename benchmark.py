@@ -8,9 +8,10 @@ Runs the real training epoch (train.train_epoch) on random CIFAR-shaped uint8 im
 data is needed, for two configurations side by side: the report's (512x512, batch 256, no
 augmentation) and the default's (1024x1024, batch 128, flips and shifts). It prints seconds
 per epoch, images per second, GFLOP/s achieved, their share of the float32 matrix-multiply
-peak (the best of several runs in this process) and peak memory. With PyTorch installed it
-trains the same network, loss, optimiser and augmentation in PyTorch, epoch for epoch in
-turn with ours, and prints the throughput ratio.
+peak (the best of several runs in this process), the same for the network's matrix products
+alone on the same shapes (the ceiling of that share: all else costing nothing) and peak
+memory. With PyTorch installed it trains the same network, loss, optimiser and augmentation
+in PyTorch, epoch for epoch in turn with ours, and prints the throughput ratio.
 
 What makes the loop fast, for whoever works on it next: float32 end to end; no pass over the
 training set beyond the SGD steps (the logged train loss is the mean of the batch losses);
@@ -113,6 +114,25 @@ def torch_epoch(config, images, labels):
     return epoch
 
 
+def products_epoch(config, n_images):
+    """An epoch of the network's matrix products alone, on the same shapes: the time the loop
+    would take if nothing else cost anything, so the ceiling of its share of the peak."""
+    rng = np.random.default_rng(0)
+    batch = config["batch_size"]
+    sizes = [data_loader.PIXELS, *config["hidden_size"], data_loader.N_CLASSES]
+    acts = [rng.standard_normal((batch, n), dtype=np.float32) for n in sizes]
+    weights = [rng.standard_normal(shape, dtype=np.float32) for shape in zip(sizes, sizes[1:])]
+
+    def epoch():
+        for _ in range(n_images // batch):
+            for i, w in enumerate(weights):
+                acts[i] @ w  # forward
+                acts[i].T @ acts[i + 1]  # weight gradient
+                if i:  # input gradient; the first layer needs none
+                    acts[i + 1] @ w.T
+    return epoch
+
+
 def seconds_of(epoch):
     start = time.perf_counter()
     epoch()
@@ -150,9 +170,11 @@ def measure(name, settings, n_images, epochs, with_torch, peak):
     labels = rng.integers(0, data_loader.N_CLASSES, size=n_images)
     ours = numpy_epoch(config, images, labels)
     theirs = torch_epoch(config, images, labels) if with_torch else None
-    seconds, torch_seconds = [], []
-    for _ in range(epochs + 1):  # in turn, so that a drift of the machine hits both alike
+    products = products_epoch(config, n_images)
+    seconds, torch_seconds, product_seconds = [], [], []
+    for _ in range(epochs + 1):  # in turn, so that a drift of the machine hits all alike
         seconds.append(seconds_of(ours))  # the first of each warms up caches and threads
+        product_seconds.append(seconds_of(products))
         if theirs:
             torch_seconds.append(seconds_of(theirs))
     used = n_images // config["batch_size"] * config["batch_size"]
@@ -161,6 +183,8 @@ def measure(name, settings, n_images, epochs, with_torch, peak):
     row = {"s/epoch": min(seconds[1:]), "images/s": used / min(seconds[1:])}
     row["GFLOP/s"] = flops / row["s/epoch"] / 1e9
     row["of peak"] = row["GFLOP/s"] / peak
+    row["matmuls s/epoch"] = min(product_seconds[1:])
+    row["matmuls of peak"] = flops / row["matmuls s/epoch"] / 1e9 / peak
     if torch_seconds:
         row["torch s/epoch"] = min(torch_seconds[1:])
         row["numpy/torch"] = row["torch s/epoch"] / row["s/epoch"]
@@ -215,14 +239,14 @@ def main(argv):
               f"{config['batch_size']}, augmentation "
               f"{'on' if config['flip'] or config['translate'] else 'off'}")
     keys = list(dict.fromkeys(k for row in rows.values() for k in row))
-    print(f"{'':<14}" + "".join(f"{name:>12}" for name in rows))
+    print(f"{'':<16}" + "".join(f"{name:>12}" for name in rows))
     for key in keys:
         cells = []
         for row in rows.values():
             value = row.get(key)
-            cells.append("-" if value is None else f"{value:.0%}" if key == "of peak" else
+            cells.append("-" if value is None else f"{value:.0%}" if "peak" in key else
                          f"{value:.2f}x" if key == "numpy/torch" else f"{value:,.2f}")
-        print(f"{key:<14}" + "".join(f"{c:>12}" for c in cells))
+        print(f"{key:<16}" + "".join(f"{c:>12}" for c in cells))
     print(f"peak memory: {peak_memory_mb():.0f} MB (this process)")
     if not args.no_torch and "numpy/torch" not in keys:
         print("no PyTorch comparison: PyTorch is not installed (optional: pip install torch), "
