@@ -98,6 +98,23 @@ def train_epoch(net, optimizer, images, labels, prep, config, epoch, rng, progre
     return float(loss_sum / steps), float(correct / (steps * batch_size)), lr, flops
 
 
+def check_memory(config):
+    """Refuse, before any data is read, a network whose weights, velocities and gradients
+    alone would not fit in this machine's memory."""
+    h1, h2 = config["hidden_size"]
+    inputs = config["whiten"] or data_loader.PIXELS
+    weights = inputs * h1 + h1 * h2 + h2 * data_loader.N_CLASSES
+    need = 3 * weights * np.dtype(config["dtype"]).itemsize
+    try:
+        have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # not a POSIX system that tells
+        return
+    if need > have:
+        raise cli.UsageError(f"--hidden-size {h1} {h2} needs {need / 2**30:,.0f} GiB for its "
+                             f"weights, velocities and gradients; this machine has "
+                             f"{have / 2**30:,.0f} GiB")
+
+
 def check_fits(config, n_images):
     """Refuse a validation split or a batch that `n_images` training images cannot fill."""
     if not 0 < config["val_size"] < n_images:
@@ -198,6 +215,7 @@ def train(config, data=None, on_epoch=None, progress=True, evaluate_test=False, 
     """
     cfg.check(config)
     model.get_activation(config["activation"])
+    check_memory(config)
     data = data or data_loader.load_data(config["data_dir"])
     check_fits(config, len(data[0]))
     with cli.folder_lock(config["save_dir"]):

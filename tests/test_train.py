@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import cli
 import config as cfg
 import model
 import optim
@@ -222,3 +223,10 @@ def test_benchmark_prints_both_configurations_and_where_the_time_goes(capsys):
     assert header.split() == ["report", "default"]
     for name in ("affine_forward", "affine_backward", "step", "augment", "normalize"):
         assert name in out
+
+
+def test_a_network_too_big_for_the_machine_is_refused_before_the_data_is_read(tmp_path):
+    config = small_config(tmp_path, hidden_size=[10**12, 1], data_dir=str(tmp_path / "none"))
+    with pytest.raises(cli.UsageError, match=r"--hidden-size 1000000000000 1 needs [\d,]+ GiB"):
+        train.train(config)
+    assert not any(tmp_path.iterdir())  # nothing read, nothing written
