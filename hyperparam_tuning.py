@@ -32,6 +32,7 @@ import argparse
 import collections
 import contextlib
 import csv
+import hashlib
 import itertools
 import json
 import multiprocessing
@@ -43,7 +44,6 @@ import sys
 import time
 import uuid
 import warnings
-import zlib
 
 import numpy as np
 import optuna
@@ -67,7 +67,8 @@ TRAIN_OPTIONS = {k: v for k, v in cfg.DEFAULT_CONFIG.items() if k != "save_dir"}
 BLAS_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 MAX_WORKERS = 4 * CORES
-TOKEN = re.compile(r"[0-9a-f]{32}")
+TOKEN = re.compile(r"[0-9a-f]{32}")  # a worker's token; CLAIM names the claim lock
+CLAIM = "claim"
 FILES = {"json": "trials.json", "csv": "trials.csv", "best": "best_result.json",
          "model": "best.npy", "history": "optimization_history.png",
          "importance": "param_importance.png"}  # and val_acc_<a>_<b>.png
@@ -287,110 +288,85 @@ def search_signature(plan):
 
 
 class JournalLock:
-    """The journal's write lock (an flock) that mends a torn last line before each append."""
+    """The journal's write lock (an flock) that moves an unfinished last line (left by a full
+    disk or a power cut) to <journal>.torn before each append."""
 
     def __init__(self, journal):
         self.journal, self._file = journal, None
 
     def acquire(self):
         self._file = cli.flocked(self.journal)  # Optuna's own lock is a symlink: no clash
-        mend_journal(self.journal)
+        with open(self.journal, "rb+") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - (1 << 20)))  # a journal line is far shorter than 1 MiB
+            tail = f.read()
+            if not tail or tail.endswith(b"\n"):
+                return True
+            tail = tail[tail.rfind(b"\n") + 1:]
+            with open(self.journal + ".torn", "ab") as aside:
+                aside.write(tail + b"\n")
+                os.fsync(aside.fileno())
+            f.truncate(size - len(tail))
+            os.fsync(f.fileno())
+        print(f"note: {self.journal} ended in an unfinished line ({len(tail)} bytes, left by a "
+              f"full disk or a power cut); moved it to {self.journal}.torn", file=sys.stderr,
+              flush=True)
         return True
 
     def release(self):
         self._file.close()
 
 
-def mend_journal(path):
-    """Move an unfinished last line aside, so that the next line starts on its own."""
-    with open(path, "rb+") as f:
-        size = f.seek(0, os.SEEK_END)
-        f.seek(max(0, size - 1))
-        if size == 0 or f.read(1) == b"\n":
-            return
-        f.seek(max(0, size - (1 << 20)))  # a journal line is far shorter than 1 MiB
-        tail = f.read()
-        tail = tail[tail.rfind(b"\n") + 1:]
-        start = size - len(tail)
-        with open(path + ".torn", "ab") as aside:
-            aside.write(tail + b"\n")
-            os.fsync(aside.fileno())
-        f.truncate(start)
-        os.fsync(f.fileno())
-    print(f"note: {path} ended in an unfinished line ({len(tail)} bytes, left by a full disk "
-          f"or a power cut); moved it to {path}.torn", file=sys.stderr, flush=True)
-
-
 class JournalStore:
-    """A study in a journal file; the claim lock and the worker tokens are files beside it."""
+    """A study in a journal file; its locks are flocks on <journal>.claim and on one file per
+    worker token in <journal>.workers/."""
 
     def __init__(self, path):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.path, self.tokens, self._token = path, path + ".workers", None
-        with self.claim_lock():
+        self.path = path
+        os.makedirs(path + ".workers", exist_ok=True)
+        with self.lock(CLAIM):
             backend = optuna.storages.journal.JournalFileBackend(path, lock_obj=JournalLock(path))
             self.storage = optuna.storages.JournalStorage(backend)
 
-    def claim_lock(self):
-        return contextlib.closing(cli.flocked(self.path + ".claim"))
-
-    def hold_token(self, token):
-        os.makedirs(self.tokens, exist_ok=True)
-        self._token = cli.flocked(os.path.join(self.tokens, token))
-
-    def drop_token(self):
-        with contextlib.suppress(OSError):
-            os.remove(self._token.name)  # still locked: no one can take it for dead meanwhile
-        self._token.close()
-
-    def is_dead(self, token):
-        """Whether the worker holding `token` is gone (call under the claim lock)."""
-        f = cli.flocked(os.path.join(self.tokens, token), wait=False)
-        if f:
-            with f, contextlib.suppress(OSError):
-                os.remove(f.name)
-        return f is not None
+    @contextlib.contextmanager
+    def lock(self, name, wait=True):
+        """Hold the lock `name`; yields whether it was free (always so when `wait`ing). A
+        token's file goes with its lock (removed while still held): none is left behind."""
+        path = self.path + ".claim" if name == CLAIM else os.path.join(self.path + ".workers", name)
+        held = cli.flocked(path, wait)
+        try:
+            yield held is not None
+        finally:
+            if held and name != CLAIM:
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+            if held:
+                held.close()
 
 
 class PostgresStore:
-    """A study in PostgreSQL; the claim lock and the tokens are advisory locks on the server,
-    dropped when a worker's session ends (the server probes an idle peer's TCP link)."""
+    """A study in PostgreSQL; its locks are advisory locks, each in a session of its own,
+    which the server drops when the session ends (it probes an idle peer's TCP link)."""
 
     def __init__(self, url, study_name):
         import sqlalchemy
         self._engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
-        self._sql, self._key = sqlalchemy.text, zlib.crc32(f"hyperparam_tuning:{study_name}".encode())
-        self._session = self._token = None
-        with self.claim_lock():  # machines starting together must not all create the tables
+        self._sql, self._study = sqlalchemy.text, study_name
+        with self.lock(CLAIM):  # machines starting together must not all create the tables
             self.storage = optuna.storages.RDBStorage(url)
 
     @contextlib.contextmanager
-    def claim_lock(self):
+    def lock(self, name, wait=True):
+        """Hold the lock `name`; yields whether it was free (always so when `wait`ing)."""
+        digest = hashlib.sha256(f"hyperparam_tuning:{self._study}:{name}".encode()).digest()
+        key = int.from_bytes(digest[:8], "big", signed=True)  # a signed 64-bit lock key
         with self._engine.connect() as session:  # closing the session drops the lock
-            session.execute(self._sql("SELECT pg_advisory_lock(:k)"), {"k": self._key})
-            self._session = session
-            yield
-
-    def hold_token(self, token):
-        self._token = self._engine.connect()
-        self._token.execute(self._sql("SET tcp_keepalives_idle = 30; SET "
+            session.execute(self._sql("SET tcp_keepalives_idle = 30; SET "
                                       "tcp_keepalives_interval = 10; SET tcp_keepalives_count = 3"))
-        self._token.execute(self._sql("SELECT pg_advisory_lock(:k)"), {"k": _lock_key(token)})
-        self._token.commit()  # the lock is the session's: no transaction stays open
-
-    def drop_token(self):
-        self._token.close()
-
-    def is_dead(self, token):
-        taken = self._session.execute(self._sql("SELECT pg_try_advisory_lock(:k)"),
-                                      {"k": _lock_key(token)}).scalar()
-        if taken:
-            self._session.execute(self._sql("SELECT pg_advisory_unlock(:k)"), {"k": _lock_key(token)})
-        return taken
-
-
-def _lock_key(token):
-    return int(token[:16], 16) - (1 << 63)  # an advisory lock key is a signed 64-bit int
+            free = session.execute(self._sql(f"SELECT pg_{'' if wait else 'try_'}advisory_lock(:k)"),
+                                   {"k": key}).scalar()
+            session.commit()  # the lock is the session's: no transaction stays open
+            yield wait or free
 
 
 def make_sampler(plan, worker, n_trials):
@@ -467,9 +443,18 @@ def _key(params):
 def retire_dead(study, store, trials):
     """Fail the running trials whose worker is gone (only under the claim lock)."""
     for t in trials:
-        token = str(t.user_attrs.get("worker", {}).get("token"))
-        if t.state == TrialState.RUNNING and (not TOKEN.fullmatch(token) or store.is_dead(token)):
+        if t.state == TrialState.RUNNING and is_dead(store, t):
             study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+
+
+def is_dead(store, trial):
+    """Whether a trial's worker is gone: its token is free, or it has none (it died between
+    taking the trial and recording itself in it, both under the claim lock)."""
+    token = str(trial.user_attrs.get("worker", {}).get("token"))
+    if not TOKEN.fullmatch(token):
+        return True
+    with store.lock(token, wait=False) as free:
+        return free
 
 
 def queue_missing(study, plan, trials):
@@ -507,12 +492,12 @@ class Worker:
 
     def __init__(self, plan, index=0, data=None):
         self.plan, self.index, self.data = plan, index, data
-        self.token = uuid.uuid4().hex
+        self.token, self._token = uuid.uuid4().hex, contextlib.ExitStack()
         try:
             self.store = (PostgresStore(plan["storage"], plan["study_name"])
                           if "://" in plan["storage"] else JournalStore(plan["storage"]))
-            self.store.hold_token(self.token)
-            with self.store.claim_lock():
+            self._token.enter_context(self.store.lock(self.token))  # for this worker's life
+            with self.store.lock(CLAIM):
                 self.study = open_study(plan, self.store.storage)
         except cli.Error:
             raise
@@ -521,13 +506,13 @@ class Worker:
                             f"{cli.one_line(exc) or type(exc).__name__}") from None
 
     def close(self):
-        self.store.drop_token()
+        self._token.close()
 
     @contextlib.contextmanager
     def claimed(self):
         """Hold the claim lock, with dead trials retired and missing ones queued; yields
         whether work is left and the trials."""
-        with self.store.claim_lock():
+        with self.store.lock(CLAIM):
             retire_dead(self.study, self.store, self.study.get_trials(deepcopy=False))
             queue_missing(self.study, self.plan, self.study.get_trials(deepcopy=False))
             trials = self.study.get_trials(deepcopy=False)
