@@ -84,9 +84,13 @@ def parse_space(items):
     space = {}
     for item in items:
         name, sep, text = item.partition("=")
+        key = name.strip().replace("-", "_")
+        key = cfg.ALIASES.get(key, key)
         if not sep or not text.strip():
             raise cli.Error(f"--space takes KEY=VALUES items such as lr=0.01,0.05; got {item!r}")
-        key = space_key(name)
+        if key not in cfg.DEFAULT_CONFIG or key in LOCAL_KEYS:
+            keys = ", ".join(k for k in cfg.DEFAULT_CONFIG if k not in LOCAL_KEYS)
+            raise cli.Error(f"cannot search {name!r}: not a training option; choose from {keys}")
         if key in space:
             raise cli.Error(f"--space names {key} twice")
         space[key] = parse_param(key, text)
@@ -94,58 +98,43 @@ def parse_space(items):
 
 
 def load_space_file(path):
-    """The search space in a JSON file: {"lr": [0.01, 0.05], "reg": {"low": 1e-4, "high":
-    1e-2, "log": true}, "hidden_size": [256, [512, 256]], "activation": "relu,tanh"}."""
+    """The search space in a JSON file, read as --space items: {"lr": [0.01, 0.05], "reg":
+    {"low": 1e-4, "high": 1e-2, "log": true}, "hidden_size": [256, [512, 256]]}."""
     try:
         with cli.open_regular(path, max_bytes=1 << 20) as f:  # not a FIFO: it would hang
             spec = json.loads(f.read().decode("utf-8"))
     except OSError as exc:
         raise cli.Error(f"cannot read --space-file {path}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise cli.Error(f"--space-file {path} is not UTF-8 text") from None
-    except RecursionError:
-        raise cli.Error(f"--space-file {path} is nested too deeply") from None
-    except json.JSONDecodeError as exc:
-        raise cli.Error(f"--space-file {path} is not valid JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        why = ("is not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else "is nested too "
+               "deeply" if isinstance(exc, RecursionError) else f"is not valid JSON: {exc}")
+        raise cli.Error(f"--space-file {path} {why}") from None
     if not isinstance(spec, dict):
         raise cli.Error(f"--space-file {path} must hold a JSON object of key: values")
-    return parse_space(f"{name}={_as_text(name, value, path)}" for name, value in spec.items())
-
-
-def _as_text(name, value, path):
-    """A JSON value of a space file in the --space syntax."""
-    if isinstance(value, dict):
-        if set(value) - {"low", "high", "log"} or not {"low", "high"} <= set(value):
+    items = []
+    for name, value in spec.items():
+        if not isinstance(value, dict):
+            values = [("x".join(map(str, v)) if isinstance(v, list) else  # hidden sizes
+                       str(v).lower() if isinstance(v, bool) else str(v))
+                      for v in (value if isinstance(value, list) else [value])]
+            items.append(f"{name}={','.join(values)}")
+        elif set(value) <= {"low", "high", "log"} and {"low", "high"} <= set(value):
+            log = ":log" if value.get("log") else ""
+            items.append(f"{name}={value['low']}:{value['high']}{log}")
+        else:
             raise cli.Error(f"--space-file {path}: {name} must be a list of values or "
-                            f'{{"low": .., "high": .., "log": true|false}}')
-        return f"{value['low']}:{value['high']}" + (":log" if value.get("log") else "")
-
-    def text(v):
-        if isinstance(v, list):
-            return "x".join(str(h) for h in v)
-        return str(v).lower() if isinstance(v, bool) else str(v)
-    return ",".join(text(v) for v in (value if isinstance(value, list) else [value]))
-
-
-def space_key(name):
-    """The config key a --space name means (dashes, the report's names allowed)."""
-    key = name.strip().replace("-", "_")
-    key = cfg.ALIASES.get(key, key)
-    if key not in cfg.DEFAULT_CONFIG or key in LOCAL_KEYS:
-        keys = ", ".join(k for k in cfg.DEFAULT_CONFIG if k not in LOCAL_KEYS)
-        raise cli.Error(f"cannot search {name!r}: not a training option; choose from {keys}")
-    return key
+                            '{"low": .., "high": .., "log": true|false}')
+    return parse_space(items)
 
 
 def parse_param(key, text):
     """One parameter: a list of choices, or a `lo:hi[:log]` range, typed like the default."""
-    default = cfg.DEFAULT_CONFIG[key]
-    if ":" not in text:
-        values = [_parse_value(key, v) for v in text.split(",")]
+    default, parts = cfg.DEFAULT_CONFIG[key], [p.strip() for p in text.split(":")]
+    if len(parts) == 1:
+        values = [_parse_value(key, v.strip()) for v in text.split(",")]
         if len(set(values)) < len(values):
             raise cli.Error(f"--space {key} repeats a value: {text}")
         return {"choices": values}
-    parts = [p.strip() for p in text.split(":")]
     log = parts[-1].lower() == "log"
     parts = parts[:-1] if log else parts
     if len(parts) != 2 or isinstance(default, (bool, str)):
@@ -158,21 +147,19 @@ def parse_param(key, text):
         raise cli.Error(f"--space {key}={text}: bounds must be "
                         f"{'integers' if is_int else 'numbers'}") from None
     if not low < high or (log and low <= 0):
-        raise cli.Error(f"--space {key}={text}: need lo < hi" + (" and lo > 0 for log" if log else ""))
+        raise cli.Error(f"--space {key}={text}: need lo < hi" + (" and lo > 0 for log" if log
+                                                                  else ""))
     return {"low": low, "high": high, "log": log, "int": is_int}
 
 
 def _parse_value(key, text):
-    default, text = cfg.DEFAULT_CONFIG[key], text.strip()
+    default = cfg.DEFAULT_CONFIG[key]
     try:
         if isinstance(default, bool):
             return {"true": True, "1": True, "yes": True, "false": False, "0": False,
                     "no": False}[text.lower()]
         if isinstance(default, list):
-            sizes = [int(h) for h in text.lower().split("x")]
-            if len(sizes) not in (1, 2):
-                raise ValueError
-            return "x".join(str(h) for h in sizes * (3 - len(sizes)))
+            return "x".join(map(str, hidden_sizes(text)))
         return type(default)(text)
     except (KeyError, ValueError):
         kind = {bool: "true or false", list: "a size such as 512 or 512x256"}.get(
@@ -180,15 +167,19 @@ def _parse_value(key, text):
         raise cli.Error(f"--space {key}: cannot read {text!r} as {kind}") from None
 
 
+def hidden_sizes(value):
+    """Both hidden sizes, from 512 (for both), "512" or "512x256"."""
+    sizes = [int(h) for h in str(value).lower().split("x")]
+    if len(sizes) not in (1, 2):
+        raise ValueError(f"not one or two sizes: {value}")
+    return sizes * (3 - len(sizes))
+
+
 def config_values(params):
     """Trial parameters as config overrides (hidden sizes back to a list of two ints)."""
-    values = dict(params)
-    hidden = values.get("hidden_size")
-    if isinstance(hidden, str):
-        values["hidden_size"] = [int(h) for h in hidden.split("x")]
-    elif isinstance(hidden, int):
-        values["hidden_size"] = [hidden, hidden]
-    return values
+    if "hidden_size" not in params:
+        return dict(params)
+    return {**params, "hidden_size": hidden_sizes(params["hidden_size"])}
 
 
 def grid(space):
