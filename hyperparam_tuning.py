@@ -222,10 +222,23 @@ def make_plan(args):
     if args.sampler == "grid" and ranges:
         raise cli.Error(f"--sampler grid needs lists of values, but {ranges[0]} is a range "
                         "lo:hi; list values or use --sampler random or tpe")
-    _check_values(args.preset, fixed, space)
+    for key, p in space.items():  # each choice and both ends of each range make a valid config
+        for value in p.get("choices", [p.get("low"), p.get("high")]):
+            try:
+                config = cfg.make_config(args.preset, **fixed, **config_values({key: value}))
+                model.get_activation(config["activation"])
+            except cli.Error as exc:
+                raise cli.Error(f"--space {key}={value}: {exc}") from None
+    if "lr_decay" in space and base["lr_schedule"] != "step":
+        print("note: lr_decay only acts with --lr-schedule step", file=sys.stderr)
     out_dir = args.out_dir or os.path.join("results", args.study_name)
     storage = args.storage or os.path.join(out_dir, "study.journal")
-    check_storage(storage)
+    scheme = storage.split("://")[0].split("+")[0] if "://" in storage else None
+    if scheme not in (None, "postgresql"):
+        raise cli.Error(f"--storage takes a journal file or a postgresql:// URL, not {scheme}://"
+                        ": other databases can hand one trial to two workers")
+    if not scheme and os.path.exists(storage) and not os.path.isfile(storage):
+        raise cli.Error(f"--storage {storage} is not a regular file")
     n_trials = args.n_trials or (None if args.sampler == "grid" or args.timeout else 20)
     return {**vars(args), "out_dir": out_dir, "storage": storage, "space": space,
             "fixed": fixed, "base": base, "n_trials": n_trials,
@@ -233,46 +246,11 @@ def make_plan(args):
             "data_dir": base["data_dir"], "parent_pid": None}
 
 
-def _check_values(preset, fixed, space):
-    """Every searched value (each choice, both ends of each range) makes a valid config."""
-    for key, p in space.items():
-        for value in p.get("choices", [p.get("low"), p.get("high")]):
-            try:
-                config = cfg.make_config(preset, **{**fixed, **config_values({key: value})})
-                model.get_activation(config["activation"])
-            except cli.Error as exc:
-                raise cli.Error(f"--space {key}={value}: {exc}") from None
-    if "lr_decay" in space and cfg.make_config(preset, **fixed)["lr_schedule"] != "step":
-        print("note: lr_decay only acts with --lr-schedule step", file=sys.stderr)
-
-
-def check_storage(storage):
-    """Accept a journal file (new, or an existing regular file) or a PostgreSQL URL."""
-    if "://" in storage:
-        scheme = storage.split("://")[0].split("+")[0]
-        if scheme != "postgresql":
-            raise cli.Error(f"--storage takes a journal file or a postgresql:// URL, not "
-                            f"{scheme}://: other databases can hand one trial to two workers")
-    elif os.path.exists(storage) and not os.path.isfile(storage):
-        raise cli.Error(f"--storage {storage} is not a regular file")
-
-
 def where(storage):
     """The storage for messages and for telling studies apart, without a password."""
     if "://" not in storage:
         return os.path.abspath(storage)
-    import sqlalchemy
-    try:
-        return sqlalchemy.engine.make_url(storage).render_as_string(hide_password=True)
-    except Exception:
-        return storage.split("://")[0] + "://..."
-
-
-def search_signature(plan):
-    """What must match for a rerun to continue a stored study (not the budget, not paths)."""
-    base = {k: v for k, v in plan["base"].items() if k not in LOCAL_KEYS}
-    return json.loads(json.dumps({"sampler": plan["sampler"], "space": plan["space"],
-                                  "config": base}))
+    return re.sub(r"(://[^/:@]*):[^/@]*@", r"\1:***@", storage)
 
 
 # --- storages: locks and worker tokens --------------------------------------------------------
@@ -381,11 +359,15 @@ def make_pruner(plan):
 
 
 def open_study(plan, storage):
-    """Create the study or load it, refusing one made by a different search."""
+    """Create the study or load it, refusing one made by a different search (the budget and
+    the paths may change between runs)."""
     study = optuna.create_study(storage=storage, study_name=plan["study_name"],
                                 direction="maximize", load_if_exists=True,
                                 pruner=make_pruner(plan))
-    signature, stored = search_signature(plan), study.user_attrs.get("search")
+    base = {k: v for k, v in plan["base"].items() if k not in LOCAL_KEYS}
+    signature = json.loads(json.dumps({"sampler": plan["sampler"], "space": plan["space"],
+                                       "config": base}))  # as stored: lists, not tuples
+    stored = study.user_attrs.get("search")
     if stored is None:
         study.set_user_attr("search", signature)
     elif stored != signature:
@@ -424,62 +406,20 @@ def counted(trials):
 
 def trial_folder(plan, trial):
     """A trial's folder: its own, or that of the interrupted trial it continues."""
-    return os.path.join(plan["out_dir"], f"trial_{int(trial.user_attrs.get('folder', trial.number))}")
+    number = int(trial.user_attrs.get("folder", trial.number))
+    return os.path.join(plan["out_dir"], f"trial_{number}")
 
 
 def _key(params):
     return tuple(sorted(params.items()))
 
 
-def retire_dead(study, store, trials):
-    """Fail the running trials whose worker is gone (only under the claim lock)."""
-    for t in trials:
-        if t.state == TrialState.RUNNING and is_dead(store, t):
-            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-
-
-def is_dead(store, trial):
-    """Whether a trial's worker is gone: its token is free, or it has none (it died between
-    taking the trial and recording itself in it, both under the claim lock)."""
-    token = str(trial.user_attrs.get("worker", {}).get("token"))
-    if not TOKEN.fullmatch(token):
-        return True
-    with store.lock(token, wait=False) as free:
-        return free
-
-
-def queue_missing(study, plan, trials):
-    """Queue a rerun of each interrupted trial, in its folder, and the grid points not taken."""
-    retried = {t.user_attrs.get("retry_of") for t in trials}
-    taken = {_key(trial_params(t)) for t in trials if not interrupted(t)}
-    for t in trials:
-        params = trial_params(t)
-        if interrupted(t) and params and t.number not in retried and _key(params) not in taken:
-            study.enqueue_trial(params, user_attrs={
-                "retry_of": t.number, "folder": t.user_attrs.get("folder", t.number)})
-            taken.add(_key(params))
-    if plan["sampler"] == "grid":
-        for point in grid(plan["space"]):
-            if _key(point) not in taken:
-                study.enqueue_trial(point)
-
-
-def work_left(plan, trials):
-    if plan["n_trials"] is not None and counted(trials) >= plan["n_trials"]:
-        return False
-    return plan["sampler"] != "grid" or any(t.state == TrialState.WAITING for t in trials)
-
-
-def machine_failure(exc):
-    """Whether `exc` is the machine's fault (a write that failed), not the configuration's."""
-    return any(isinstance(e, OSError) for e in (exc, exc.__cause__, exc.__context__))
-
-
 # --- workers ----------------------------------------------------------------------------------
 
 
 class Worker:
-    """One process's share of the search: its store, token, study and data."""
+    """One process's share of the search: its store, its token (held for its life), the
+    study and the data."""
 
     def __init__(self, plan, index=0, data=None):
         self.plan, self.index, self.data = plan, index, data
@@ -487,7 +427,7 @@ class Worker:
         try:
             self.store = (PostgresStore(plan["storage"], plan["study_name"])
                           if "://" in plan["storage"] else JournalStore(plan["storage"]))
-            self._token.enter_context(self.store.lock(self.token))  # for this worker's life
+            self._token.enter_context(self.store.lock(self.token))
             with self.store.lock(CLAIM):
                 self.study = open_study(plan, self.store.storage)
         except cli.Error:
@@ -499,22 +439,51 @@ class Worker:
     def close(self):
         self._token.close()
 
+    def is_dead(self, trial):
+        """Whether a running trial's worker is gone: its token is free, or it has none (it
+        died between taking the trial and recording itself in it, both under the claim lock)."""
+        token = str(trial.user_attrs.get("worker", {}).get("token"))
+        if not TOKEN.fullmatch(token):  # also never a path out of <journal>.workers/
+            return True
+        with self.store.lock(token, wait=False) as free:
+            return free
+
     @contextlib.contextmanager
     def claimed(self):
-        """Hold the claim lock, with dead trials retired and missing ones queued; yields
-        whether work is left and the trials."""
+        """Hold the claim lock and bring the study up to date: fail the trials of dead workers,
+        then queue a rerun of each interrupted trial (in its folder) and the grid points not
+        taken. Yields whether work is left, and the trials."""
+        study, plan = self.study, self.plan
         with self.store.lock(CLAIM):
-            retire_dead(self.study, self.store, self.study.get_trials(deepcopy=False))
-            queue_missing(self.study, self.plan, self.study.get_trials(deepcopy=False))
-            trials = self.study.get_trials(deepcopy=False)
-            yield work_left(self.plan, trials), trials
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                if self.is_dead(t):
+                    study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+            trials = study.get_trials(deepcopy=False)
+            retried = {t.user_attrs.get("retry_of") for t in trials}
+            taken = {_key(trial_params(t)) for t in trials if not interrupted(t)}
+            for t in trials:
+                params = trial_params(t)
+                if (interrupted(t) and params and t.number not in retried
+                        and _key(params) not in taken):
+                    study.enqueue_trial(params, user_attrs={
+                        "retry_of": t.number, "folder": t.user_attrs.get("folder", t.number)})
+                    taken.add(_key(params))
+            if plan["sampler"] == "grid":
+                for point in grid(plan["space"]):
+                    if _key(point) not in taken:
+                        study.enqueue_trial(point)
+            trials = study.get_trials(deepcopy=False)
+            budget_left = plan["n_trials"] is None or counted(trials) < plan["n_trials"]
+            queued = any(t.state == TrialState.WAITING for t in trials)
+            yield budget_left and (queued or plan["sampler"] != "grid"), trials
 
     def has_work(self):
         with self.claimed() as (has_work, _):
             return has_work
 
     def claim(self):
-        """The next trial, taken under the claim lock; None when no work is left."""
+        """The next trial, taken and signed with this worker's token under the claim lock;
+        None when no work is left."""
         deadline = self.plan["deadline"]
         if cli.stop_signal or (deadline and time.time() >= deadline):
             return None
@@ -534,18 +503,20 @@ class Worker:
             write_tables(self.study, self.plan)
 
     def run_trial(self, trial):
-        """Train one trial and record how it ended; a signal or a machine failure also
-        stops the worker (the trial runs again on the next run)."""
-        plan, records, start = self.plan, [], time.perf_counter()
-        save_dir, state, value, why, stop, result = trial_folder(plan, trial), None, None, "", None, {}
+        """Train one trial and record how it ended. A signal or a failure of the machine (an
+        OSError while writing) also stops the worker, and the trial runs again on the next
+        run; a failure of the configuration (divergence, a bad value) is final."""
+        plan, new, start = self.plan, [], time.perf_counter()
+        state, value, why, stop, result = TrialState.FAIL, None, "", None, {}
 
         def on_epoch(record):
-            records.append(record)
+            new.append(record)
             trial.report(record["val_acc"], record["epoch"])
             if trial.should_prune():
                 raise optuna.TrialPruned()
 
         try:
+            save_dir = trial_folder(plan, trial)
             params = config_values(suggest(trial, plan["space"]))
             config = cfg.make_config(plan["preset"], **plan["fixed"], **params, save_dir=save_dir)
             trial.set_user_attr("config", config)
@@ -563,17 +534,17 @@ class Worker:
             why = f"diverged: {exc}"
         except Exception as exc:
             why = f"error: {type(exc).__name__}: {cli.one_line(exc)}"
-            if machine_failure(exc):
+            if any(isinstance(e, OSError) for e in (exc, exc.__cause__, exc.__context__)):
                 why = f"interrupted: the machine failed: {cli.one_line(exc)}"
                 stop = cli.Error(f"trial {trial.number} stopped: {cli.one_line(exc)}; fix this, "
                                  "then rerun the command: the trial will run again")
-        self.finish(trial, state or TrialState.FAIL, value, why,
-                    result.get("history", records), records, time.perf_counter() - start)
+        self.record(trial, state, value, why, result.get("history", new), len(new),
+                    time.perf_counter() - start)
         if stop:
             raise stop
 
-    def finish(self, trial, state, value, why, history, new, seconds):
-        """Record the trial's end and print one line; one that another worker took for dead
+    def record(self, trial, state, value, why, history, n_new, seconds):
+        """Tell the trial's end and print one line; a trial that another worker took for dead
         and retired meanwhile is only reported (its point runs again)."""
         attrs = {"seconds": round(seconds, 2), "epochs_run": len(history)}
         if history:
@@ -594,7 +565,7 @@ class Worker:
             return
         label = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned"}.get(state, "failed")
         acc = f"val acc {attrs['best_val_acc']:.4f}, " if history else ""
-        epochs = f"{len(history)} epoch(s)" + (f" ({len(new)} now)" if len(new) != len(history) else "")
+        epochs = f"{len(history)} epoch(s)" + (f" ({n_new} now)" if n_new != len(history) else "")
         params = " ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
         print(f"trial {trial.number:3d} {label:<8} {acc}{epochs}, {seconds:.0f} s  {params}"
               + (f"  ({why})" if why else ""), flush=True)
