@@ -55,8 +55,6 @@ import data_loader
 import model
 import train
 
-SAMPLERS = ("grid", "random", "tpe")
-PRUNERS = ("none", "median", "halving")
 DEFAULT_PRESET = "fast"
 # Close to the report's grid (learning rate x hidden size x regularisation x activation x
 # decay), small enough for an afternoon; lr_decay joins when the schedule is `step`.
@@ -348,22 +346,17 @@ def make_sampler(plan, worker, n_trials):
     return optuna.samplers.RandomSampler(seed=seed)  # grid trials are queued: none consulted
 
 
-def make_pruner(plan):
-    warmup = plan["prune_warmup"]
-    if plan["pruner"] == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=plan["prune_startup"],
-                                           n_warmup_steps=warmup)
-    if plan["pruner"] == "halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, warmup))
-    return optuna.pruners.NopPruner()
-
-
 def open_study(plan, storage):
     """Create the study or load it, refusing one made by a different search (the budget and
     the paths may change between runs)."""
+    warmup = plan["prune_warmup"]
+    pruner = {"none": optuna.pruners.NopPruner(),
+              "median": optuna.pruners.MedianPruner(n_startup_trials=plan["prune_startup"],
+                                                    n_warmup_steps=warmup),
+              "halving": optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, warmup)),
+              }[plan["pruner"]]
     study = optuna.create_study(storage=storage, study_name=plan["study_name"],
-                                direction="maximize", load_if_exists=True,
-                                pruner=make_pruner(plan))
+                                direction="maximize", load_if_exists=True, pruner=pruner)
     base = {k: v for k, v in plan["base"].items() if k not in LOCAL_KEYS}
     signature = json.loads(json.dumps({"sampler": plan["sampler"], "space": plan["space"],
                                        "config": base}))  # as stored: lists, not tuples
@@ -654,15 +647,15 @@ def trial_row(trial, plan):
 def write_tables(study, plan):
     """trials.json (which also marks the folder as this study's) and trials.csv, each
     rewritten whole and atomically."""
-    rows, keys = [trial_row(t, plan) for t in study.get_trials(deepcopy=False)], list(plan["space"])
+    rows = [trial_row(t, plan) for t in study.get_trials(deepcopy=False)]
     cli.write_json(os.path.join(plan["out_dir"], FILES["json"]),
                    {"study": plan["study_name"], "storage": where(plan["storage"]),
                     "sampler": plan["sampler"], "space": plan["space"], "trials": rows})
+    columns = [*COLUMNS[:8], *plan["space"], *COLUMNS[8:]]  # a column per searched option
     with cli.atomic_write(os.path.join(plan["out_dir"], FILES["csv"]), "w") as f:
-        writer = csv.DictWriter(f, COLUMNS[:8] + keys + COLUMNS[8:], extrasaction="ignore",
-                                lineterminator="\n")
+        writer = csv.DictWriter(f, columns, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
-        writer.writerows({**row, **{k: row["params"].get(k) for k in keys}} for row in rows)
+        writer.writerows({**row, **row["params"]} for row in rows)
 
 
 def check_out_dir(plan):
@@ -678,12 +671,6 @@ def check_out_dir(plan):
     if held != (plan["study_name"], where(plan["storage"])):
         raise cli.Error(f"--out-dir {plan['out_dir']} holds study {held[0]!r} in {held[1]}; "
                         "give this study another --out-dir")
-
-
-def ranked(study):
-    """The complete trials, best first (of equals, the earlier)."""
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return sorted(complete, key=lambda t: (-t.value, t.number))
 
 
 def write_best(best, plan):
@@ -713,16 +700,6 @@ def write_best(best, plan):
     return result
 
 
-def top_table(trials, keys):
-    """The trials as aligned text lines under a header."""
-    header = ["rank", "trial", "val_acc", "epochs", "seconds", *keys]
-    rows = [[str(i), str(t.number), f"{t.value:.4f}", str(t.user_attrs.get("epochs_run", "")),
-             f"{t.user_attrs.get('seconds', 0):.0f}", *(_fmt(t.params.get(k)) for k in keys)]
-            for i, t in enumerate(trials, 1)]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    return ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [header, *rows]]
-
-
 def _fmt(value):
     return f"{value:.4g}" if isinstance(value, float) else cli.shown(value)
 
@@ -740,89 +717,77 @@ def summary(study):
     return ", ".join(parts)
 
 
-# --- plots ------------------------------------------------------------------------------------
-
-
-def optuna_plot(draw, path):
-    """Save the plot `draw(optuna.visualization.matplotlib)` returns (Axes or an array of
-    them), with Optuna's style kept inside an rc_context; no display needed."""
+def draw_plots(study, plan):
+    """optimization_history.png (trials numbered as integers), param_importance.png by
+    PED-ANOVA (named here: Optuna 4's default, fANOVA, needs scikit-learn), and validation
+    accuracy against the two most important searched parameters that varied, in
+    val_acc_<a>_<b>.png (older such plots removed). Optuna's style stays in an rc_context.
+    Returns the name of that last plot and why there are no importances."""
     import matplotlib
     matplotlib.use("agg")
     import matplotlib.pyplot as plt
     import optuna.visualization.matplotlib as plots
+    from matplotlib.ticker import MaxNLocator
     import utils
-    with matplotlib.rc_context(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Optuna's matplotlib plots are "experimental"
-        figure = np.ravel(draw(plots))[0].figure
+
+    def save(axes, name):  # Axes, or an array of them
+        figure = np.ravel(axes)[0].figure
         try:
-            utils.save_figure(figure, path)
+            utils.save_figure(figure, os.path.join(plan["out_dir"], name))
         finally:
             plt.close(figure)
 
-
-def plot_history(study, path):
-    """Each trial's validation accuracy and the best so far, trials numbered as integers."""
-    from matplotlib.ticker import MaxNLocator
-
-    def draw(plots):
-        ax = plots.plot_optimization_history(study, target_name="validation accuracy")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        return ax
-    optuna_plot(draw, path)
-
-
-def plot_importance(study, path):
-    """Parameter importances by PED-ANOVA, named here (Optuna 4's default, fANOVA, needs
-    scikit-learn); returns the importances and why there are none."""
-    evaluator = optuna.importance.PedAnovaImportanceEvaluator()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+    target, evaluator = "validation accuracy", optuna.importance.PedAnovaImportanceEvaluator()
+    with matplotlib.rc_context(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna's matplotlib plots are "experimental"
+        history = plots.plot_optimization_history(study, target_name=target)
+        history.xaxis.set_major_locator(MaxNLocator(integer=True))
+        save(history, FILES["history"])
+        try:
             importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
-    except Exception as exc:  # too few complete trials
-        return {}, f"{type(exc).__name__}: {exc}"
-    if not importances:
-        return {}, "no parameter varies among the complete trials"
-    optuna_plot(lambda plots: plots.plot_param_importances(
-        study, evaluator=evaluator, target_name="validation accuracy"), path)
-    return importances, None
-
-
-def plot_top_pair(study, plan, importances):
-    """Validation accuracy against the two most important searched parameters that varied
-    (or the one), in val_acc_<a>_<b>.png; older such plots are removed."""
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    varied = [k for k in plan["space"] if len({str(t.params.get(k)) for t in complete}) > 1]
-    names = sorted(varied, key=lambda k: -importances.get(k, 0))[:2]
-    path = os.path.join(plan["out_dir"], f"val_acc_{'_'.join(names)}.png")
-    for old in os.listdir(plan["out_dir"]):
-        if re.fullmatch(r"val_acc_.*\.png", old) and old != os.path.basename(path):
-            os.remove(os.path.join(plan["out_dir"], old))
-    if names:
-        optuna_plot(lambda plots: plots.plot_slice(
-            study, params=names, target_name="validation accuracy"), path)
-    return path if names else None
+            why_not = None if importances else "no parameter varies among the complete trials"
+        except Exception as exc:  # too few complete trials
+            importances, why_not = {}, f"{type(exc).__name__}: {exc}"
+        if importances:
+            save(plots.plot_param_importances(study, evaluator=evaluator, target_name=target),
+                 FILES["importance"])
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        varied = [k for k in plan["space"] if len({str(t.params.get(k)) for t in complete}) > 1]
+        names = sorted(varied, key=lambda k: -importances.get(k, 0))[:2]
+        pair = f"val_acc_{'_'.join(names)}.png" if names else None
+        for old in os.listdir(plan["out_dir"]):
+            if re.fullmatch(r"val_acc_.*\.png", old) and old != pair:
+                os.remove(os.path.join(plan["out_dir"], old))
+        if names:
+            save(plots.plot_slice(study, params=names, target_name=target), pair)
+    return pair, why_not
 
 
 def report(study, plan):
     """Write every output file, then print the top-k table and where things are."""
-    out, trials = plan["out_dir"], ranked(study)
     write_tables(study, plan)
-    best = write_best(trials[0], plan) if trials else None
-    plot_history(study, os.path.join(out, FILES["history"]))
-    importances, why_not = plot_importance(study, os.path.join(out, FILES["importance"]))
-    pair = plot_top_pair(study, plan, importances)
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    ranked = sorted(complete, key=lambda t: (-t.value, t.number))  # of equals, the earlier
+    best = write_best(ranked[0], plan) if ranked else None
+    pair, why_not = draw_plots(study, plan)
     print(f"\nStudy {plan['study_name']!r}: {summary(study)}")
     if best is None:
         print("No trial has completed yet.")
         return
-    table = top_table(trials[:plan["top_k"]], list(plan["space"]))
-    print(f"Top {len(table) - 1} by validation accuracy:", *table, sep="\n")
+    keys = list(plan["space"])
+    rows = [["rank", "trial", "val_acc", "epochs", "seconds", *keys]] + [
+        [str(i), str(t.number), f"{t.value:.4f}", str(t.user_attrs.get("epochs_run", "")),
+         f"{t.user_attrs.get('seconds', 0):.0f}", *(_fmt(t.params.get(k)) for k in keys)]
+        for i, t in enumerate(ranked[:plan["top_k"]], 1)]
+    widths = [max(map(len, column)) for column in zip(*rows)]
+    print(f"Top {len(rows) - 1} by validation accuracy:")
+    for row in rows:
+        print("  ".join(cell.rjust(width) for cell, width in zip(row, widths)))
     if why_not:
         print(f"(parameter importance not drawn: {why_not})")
     print(f"\nBest: trial {best['trial']}, validation accuracy {best['best_val_acc']:.4f}")
-    files = [*FILES.values(), *([os.path.basename(pair)] if pair else [])]
-    print(f"Saved in {out}: {', '.join(files)}")
+    files = [*FILES.values(), *([pair] if pair else [])]
+    print(f"Saved in {plan['out_dir']}: {', '.join(files)}")
     if best["checkpoint"]:
         print(f"Evaluate it: python test.py --model {best['checkpoint']}")
     print(f"Browse the study: optuna-dashboard {where(plan['storage'])}")
@@ -869,14 +834,14 @@ def build_parser():
                    help="searched options (default: see below)")
     s.add_argument("--space-file", metavar="FILE", help='the same as JSON, e.g. {"lr": [0.01, '
                    '0.05], "reg": {"low": 1e-4, "high": 1e-2, "log": true}}; --space wins')
-    s.add_argument("--sampler", choices=SAMPLERS, default="grid",
+    s.add_argument("--sampler", choices=("grid", "random", "tpe"), default="grid",
                    help="grid runs each combination exactly once")
     s.add_argument("--n-trials", type=cli.bounded(int, 1), metavar="N",
                    help="trials in the whole study, over all runs (default: the grid; 20 for "
                         "random and tpe without --timeout)")
     s.add_argument("--timeout", type=cli.bounded(float, 1e-9), metavar="SECONDS",
                    help="start no trial after this many seconds of this run")
-    s.add_argument("--pruner", choices=PRUNERS, default="none",
+    s.add_argument("--pruner", choices=("none", "median", "halving"), default="none",
                    help="stop poor trials early on their per-epoch validation accuracy")
     s.add_argument("--prune-startup", type=cli.bounded(int, 0), default=5, metavar="N",
                    help="median: complete trials before any pruning")
@@ -906,16 +871,6 @@ def build_parser():
     return parser
 
 
-def check_search_fits(plan, n_images):
-    """Refuse a search whose largest --val-size and --batch-size the data cannot fill."""
-    config = dict(plan["base"])
-    for key in ("val_size", "batch_size"):
-        p = plan["space"].get(key)
-        if p:
-            config[key] = max(p["choices"]) if "choices" in p else int(p["high"])
-    train.check_fits(config, n_images)
-
-
 def main(argv=None):
     args = build_parser().parse_args(argv)
     catch_interrupts()
@@ -925,7 +880,9 @@ def main(argv=None):
     except cli.Error as exc:  # a bad option value: a usage error, exit status 2
         raise cli.UsageError(str(exc)) from exc
     data = data_loader.load_data(plan["data_dir"])  # a download happens here, once
-    check_search_fits(plan, len(data[0]))
+    largest = {key: max(p["choices"]) if "choices" in p else int(p["high"])
+               for key, p in plan["space"].items() if key in ("val_size", "batch_size")}
+    train.check_fits({**plan["base"], **largest}, len(data[0]))  # the data can fill them
     with cli.folder_lock(plan["out_dir"], "--out-dir"):
         check_out_dir(plan)
         worker = Worker(plan, data=data if plan["workers"] == 1 else None)
