@@ -67,6 +67,8 @@ CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os
 MAX_WORKERS = 4 * CORES
 TOKEN = re.compile(r"[0-9a-f]{32}")  # a worker's token; CLAIM names the claim lock
 CLAIM = "claim"
+STATES = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed",
+          TrialState.RUNNING: "running", TrialState.WAITING: "queued"}
 FILES = {"json": "trials.json", "csv": "trials.csv", "best": "best_result.json",
          "model": "best.npy", "history": "optimization_history.png",
          "importance": "param_importance.png"}  # and val_acc_<a>_<b>.png
@@ -254,45 +256,16 @@ def where(storage):
 # --- storages: locks and worker tokens --------------------------------------------------------
 
 
-class JournalLock:
-    """The journal's write lock (an flock) that moves an unfinished last line (left by a full
-    disk or a power cut) to <journal>.torn before each append."""
-
-    def __init__(self, journal):
-        self.journal, self._file = journal, None
-
-    def acquire(self):
-        self._file = cli.flocked(self.journal)  # Optuna's own lock is a symlink: no clash
-        with open(self.journal, "rb+") as f:
-            size = f.seek(0, os.SEEK_END)
-            f.seek(max(0, size - (1 << 20)))  # a journal line is far shorter than 1 MiB
-            tail = f.read()
-            if not tail or tail.endswith(b"\n"):
-                return True
-            tail = tail[tail.rfind(b"\n") + 1:]
-            with open(self.journal + ".torn", "ab") as aside:
-                aside.write(tail + b"\n")
-                os.fsync(aside.fileno())
-            f.truncate(size - len(tail))
-            os.fsync(f.fileno())
-        print(f"note: {self.journal} ended in an unfinished line ({len(tail)} bytes, left by a "
-              f"full disk or a power cut); moved it to {self.journal}.torn", file=sys.stderr,
-              flush=True)
-        return True
-
-    def release(self):
-        self._file.close()
-
-
 class JournalStore:
-    """A study in a journal file; its locks are flocks on <journal>.claim and on one file per
-    worker token in <journal>.workers/."""
+    """A study in a journal file. Its locks are flocks on <journal>.claim and on one file per
+    worker token in <journal>.workers/. It is also the journal's write lock for Optuna, which
+    first moves an unfinished last line (left by a full disk or a power cut) to <journal>.torn."""
 
     def __init__(self, path):
-        self.path = path
+        self.path, self._writing = path, None
         os.makedirs(path + ".workers", exist_ok=True)
         with self.lock(CLAIM):
-            backend = optuna.storages.journal.JournalFileBackend(path, lock_obj=JournalLock(path))
+            backend = optuna.storages.journal.JournalFileBackend(path, lock_obj=self)
             self.storage = optuna.storages.JournalStorage(backend)
 
     @contextlib.contextmanager
@@ -309,6 +282,27 @@ class JournalStore:
                     os.remove(path)
             if held:
                 held.close()
+
+    def acquire(self):
+        self._writing = cli.flocked(self.path)  # Optuna's own lock is a symlink: no clash
+        with open(self.path, "rb+") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - (1 << 20)))  # a journal line is far shorter than 1 MiB
+            tail = f.read()
+            if not tail or tail.endswith(b"\n"):
+                return True
+            tail = tail[tail.rfind(b"\n") + 1:]
+            with open(self.path + ".torn", "ab") as aside:
+                aside.write(tail + b"\n")
+                os.fsync(aside.fileno())
+            f.truncate(size - len(tail))
+            os.fsync(f.fileno())
+        print(f"note: {self.path} ended in an unfinished line ({len(tail)} bytes, left by a full "
+              f"disk or a power cut); moved it to {self.path}.torn", file=sys.stderr, flush=True)
+        return True
+
+    def release(self):
+        self._writing.close()
 
 
 class PostgresStore:
@@ -373,7 +367,7 @@ def open_study(plan, storage):
     return study
 
 
-# --- bookkeeping: which trials are done, which are missing ------------------------------------
+# --- workers: which trials are done, which are missing, who runs what -------------------------
 
 
 def trial_params(trial):
@@ -407,7 +401,14 @@ def _key(params):
     return tuple(sorted(params.items()))
 
 
-# --- workers ----------------------------------------------------------------------------------
+def to_run(plan, trials):
+    """How many trials are left: the queued grid points, or the rest of a random or tpe
+    search, within the budget; None for trials until --timeout."""
+    budget = max(0, plan["n_trials"] - counted(trials)) if plan["n_trials"] else None
+    if plan["sampler"] != "grid":
+        return budget
+    queued = sum(t.state == TrialState.WAITING for t in trials)
+    return queued if budget is None else min(queued, budget)
 
 
 class Worker:
@@ -466,9 +467,7 @@ class Worker:
                     if _key(point) not in taken:
                         study.enqueue_trial(point)
             trials = study.get_trials(deepcopy=False)
-            budget_left = plan["n_trials"] is None or counted(trials) < plan["n_trials"]
-            queued = any(t.state == TrialState.WAITING for t in trials)
-            yield budget_left and (queued or plan["sampler"] != "grid"), trials
+            yield to_run(plan, trials) != 0, trials
 
     def has_work(self):
         with self.claimed() as (has_work, _):
@@ -556,11 +555,10 @@ class Worker:
             print(f"note: trial {trial.number} was retired by another worker while it ran "
                   "(its worker was taken for dead); its result is dropped", flush=True)
             return
-        label = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned"}.get(state, "failed")
         acc = f"val acc {attrs['best_val_acc']:.4f}, " if history else ""
         epochs = f"{len(history)} epoch(s)" + (f" ({n_new} now)" if n_new != len(history) else "")
         params = " ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
-        print(f"trial {trial.number:3d} {label:<8} {acc}{epochs}, {seconds:.0f} s  {params}"
+        print(f"trial {trial.number:3d} {STATES[state]:<8} {acc}{epochs}, {seconds:.0f} s  {params}"
               + (f"  ({why})" if why else ""), flush=True)
 
 
@@ -631,27 +629,24 @@ COLUMNS = ["number", "state", "best_val_acc", "best_epoch", "epochs_run", "final
            "final_val_loss", "seconds", "reason", "folder", "host", "started", "finished"]
 
 
-def trial_row(trial, plan):
-    """A trial as one dict: state, parameters, best validation accuracy, losses, time."""
-    a, when = trial.user_attrs, lambda t: t and t.isoformat(timespec="seconds")
-    return {"number": trial.number, "state": trial.state.name,
-            "best_val_acc": a.get("best_val_acc"), "best_epoch": a.get("best_epoch"),
-            "epochs_run": a.get("epochs_run"), "final_train_loss": a.get("train_loss"),
-            "final_val_loss": a.get("val_loss"), "seconds": a.get("seconds"),
-            "params": trial_params(trial), "reason": failure(trial),
-            "folder": trial_folder(plan, trial), "host": a.get("worker", {}).get("host"),
-            "started": when(trial.datetime_start), "finished": when(trial.datetime_complete),
-            "retry_of": a.get("retry_of"), "config": a.get("config")}
-
-
 def write_tables(study, plan):
-    """trials.json (which also marks the folder as this study's) and trials.csv, each
-    rewritten whole and atomically."""
-    rows = [trial_row(t, plan) for t in study.get_trials(deepcopy=False)]
+    """trials.json (which also marks the folder as this study's) and trials.csv (a column per
+    searched option), each rewritten whole and atomically."""
+    rows, when = [], lambda t: t and t.isoformat(timespec="seconds")
+    for t in study.get_trials(deepcopy=False):
+        a = t.user_attrs
+        rows.append({"number": t.number, "state": t.state.name,
+                     "best_val_acc": a.get("best_val_acc"), "best_epoch": a.get("best_epoch"),
+                     "epochs_run": a.get("epochs_run"), "final_train_loss": a.get("train_loss"),
+                     "final_val_loss": a.get("val_loss"), "seconds": a.get("seconds"),
+                     "params": trial_params(t), "reason": failure(t),
+                     "folder": trial_folder(plan, t), "host": a.get("worker", {}).get("host"),
+                     "started": when(t.datetime_start), "finished": when(t.datetime_complete),
+                     "retry_of": a.get("retry_of"), "config": a.get("config")})
     cli.write_json(os.path.join(plan["out_dir"], FILES["json"]),
                    {"study": plan["study_name"], "storage": where(plan["storage"]),
                     "sampler": plan["sampler"], "space": plan["space"], "trials": rows})
-    columns = [*COLUMNS[:8], *plan["space"], *COLUMNS[8:]]  # a column per searched option
+    columns = [*COLUMNS[:8], *plan["space"], *COLUMNS[8:]]
     with cli.atomic_write(os.path.join(plan["out_dir"], FILES["csv"]), "w") as f:
         writer = csv.DictWriter(f, columns, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
@@ -706,15 +701,10 @@ def _fmt(value):
 
 def summary(study):
     """Counts of trials per state, e.g. '6 complete, 1 pruned, 1 failed, 1 running'."""
-    trials = study.get_trials(deepcopy=False)
-    n, cut = collections.Counter(t.state for t in trials), sum(interrupted(t) for t in trials)
-    parts = [f"{n[TrialState.COMPLETE]} complete", f"{n[TrialState.PRUNED]} pruned",
-             f"{n[TrialState.FAIL] - cut} failed"]
-    for label, count in (("interrupted (rerun)", cut), ("running", n[TrialState.RUNNING]),
-                         ("queued", n[TrialState.WAITING])):
-        if count:
-            parts.append(f"{count} {label}")
-    return ", ".join(parts)
+    n = collections.Counter("interrupted (rerun)" if interrupted(t) else STATES[t.state]
+                            for t in study.get_trials(deepcopy=False))
+    words = ["complete", "pruned", "failed", "interrupted (rerun)", "running", "queued"]
+    return ", ".join(f"{n[w]} {w}" for w in words if n[w] or w in words[:3])
 
 
 def draw_plots(study, plan):
@@ -795,20 +785,15 @@ def report(study, plan):
 
 def status_line(study, plan):
     """What the study holds and what this run will do, in one line."""
-    trials = study.get_trials(deepcopy=False)
+    trials, workers = study.get_trials(deepcopy=False), plan["workers"]
     finished = counted([t for t in trials if t.state.is_finished()])
-    budget = plan["n_trials"] - counted(trials) if plan["n_trials"] else None
-    if plan["sampler"] == "grid":
-        what = f"a grid of {len(grid(plan['space']))} combinations"
-        queued = sum(t.state == TrialState.WAITING for t in trials)
-        todo = queued if budget is None else min(queued, budget)
-    else:
-        what = f"a {plan['sampler']} search"
-        todo = "trials until --timeout" if budget is None else budget
-    workers = plan["workers"]
+    what = (f"a grid of {len(grid(plan['space']))} combinations" if plan["sampler"] == "grid"
+            else f"a {plan['sampler']} search")
+    todo = to_run(plan, trials)
     threads = f" with {blas_threads(workers)} BLAS thread(s) each" if workers > 1 else ""
     return (f"Study {plan['study_name']!r} in {where(plan['storage'])}: {what}; {finished} "
-            f"trial(s) finished before; {todo} to run on {workers} worker(s){threads}")
+            f"trial(s) finished before; {'trials until --timeout' if todo is None else todo} "
+            f"to run on {workers} worker(s){threads}")
 
 
 # --- command line -----------------------------------------------------------------------------
