@@ -445,20 +445,18 @@ class Worker:
     @contextlib.contextmanager
     def claimed(self):
         """Hold the claim lock and bring the study up to date: fail the trials of dead workers,
-        then queue a rerun of each interrupted trial (in its folder) and the grid points not
-        taken. Yields whether work is left, and the trials."""
+        then queue a rerun (in its folder) of each interrupted trial whose point no other trial
+        holds, and the grid points not taken. Yields whether work is left, and the trials."""
         study, plan = self.study, self.plan
         with self.store.lock(CLAIM):
             for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 if self.is_dead(t):
                     study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
             trials = study.get_trials(deepcopy=False)
-            retried = {t.user_attrs.get("retry_of") for t in trials}
             taken = {_key(trial_params(t)) for t in trials if not interrupted(t)}
             for t in trials:
                 params = trial_params(t)
-                if (interrupted(t) and params and t.number not in retried
-                        and _key(params) not in taken):
+                if interrupted(t) and params and _key(params) not in taken:
                     study.enqueue_trial(params, user_attrs={
                         "retry_of": t.number, "folder": t.user_attrs.get("folder", t.number)})
                     taken.add(_key(params))
