@@ -324,8 +324,8 @@ class PostgresStore:
         with self._engine.connect() as session:  # closing the session drops the lock
             session.execute(self._sql("SET tcp_keepalives_idle = 30; SET "
                                       "tcp_keepalives_interval = 10; SET tcp_keepalives_count = 3"))
-            free = session.execute(self._sql(f"SELECT pg_{'' if wait else 'try_'}advisory_lock(:k)"),
-                                   {"k": key}).scalar()
+            take = "pg_advisory_lock" if wait else "pg_try_advisory_lock"
+            free = session.execute(self._sql(f"SELECT {take}(:k)"), {"k": key}).scalar()
             session.commit()  # the lock is the session's: no transaction stays open
             yield wait or free
 
@@ -493,9 +493,10 @@ class Worker:
             write_tables(self.study, self.plan)
 
     def run_trial(self, trial):
-        """Train one trial and record how it ended. A signal or a failure of the machine (an
-        OSError while writing) also stops the worker, and the trial runs again on the next
-        run; a failure of the configuration (divergence, a bad value) is final."""
+        """Train one trial, tell how it ended and print one line. A signal or a failure of the
+        machine (an OSError while writing) also stops the worker, and the trial runs again on
+        the next run; a failure of the configuration (divergence, a bad value) is final. A
+        trial that another worker took for dead and retired meanwhile is only reported."""
         plan, new, start = self.plan, [], time.perf_counter()
         state, value, why, stop, result = TrialState.FAIL, None, "", None, {}
 
@@ -528,14 +529,7 @@ class Worker:
                 why = f"interrupted: the machine failed: {cli.one_line(exc)}"
                 stop = cli.Error(f"trial {trial.number} stopped: {cli.one_line(exc)}; fix this, "
                                  "then rerun the command: the trial will run again")
-        self.record(trial, state, value, why, result.get("history", new), len(new),
-                    time.perf_counter() - start)
-        if stop:
-            raise stop
-
-    def record(self, trial, state, value, why, history, n_new, seconds):
-        """Tell the trial's end and print one line; a trial that another worker took for dead
-        and retired meanwhile is only reported (its point runs again)."""
+        history, seconds = result.get("history", new), time.perf_counter() - start
         attrs = {"seconds": round(seconds, 2), "epochs_run": len(history)}
         if history:
             best = max(history, key=lambda r: r["val_acc"])
@@ -549,15 +543,17 @@ class Worker:
             told = self.study.tell(trial, value, state, skip_if_finished=True)
         except optuna.exceptions.UpdateFinishedTrialError:
             told = None
-        if told is None or told.state != state:
+        if told is None or told.state != state:  # its point runs again
             print(f"note: trial {trial.number} was retired by another worker while it ran "
                   "(its worker was taken for dead); its result is dropped", flush=True)
-            return
-        acc = f"val acc {attrs['best_val_acc']:.4f}, " if history else ""
-        epochs = f"{len(history)} epoch(s)" + (f" ({n_new} now)" if n_new != len(history) else "")
-        params = " ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
-        print(f"trial {trial.number:3d} {STATES[state]:<8} {acc}{epochs}, {seconds:.0f} s  {params}"
-              + (f"  ({why})" if why else ""), flush=True)
+        else:
+            acc = f"val acc {attrs['best_val_acc']:.4f}, " if history else ""
+            now = f" ({len(new)} now)" if len(new) != len(history) else ""
+            params = " ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
+            print(f"trial {trial.number:3d} {STATES[state]:<8} {acc}{len(history)} epoch(s){now}, "
+                  f"{seconds:.0f} s  {params}" + (f"  ({why})" if why else ""), flush=True)
+        if stop:
+            raise stop
 
 
 def blas_threads(workers):
@@ -811,7 +807,8 @@ def build_parser():
         epilog="--space items: KEY=V1,V2,... lists values (a grid dimension); KEY=LO:HI[:log] "
                "is a range (random and tpe only). KEY is any training option below "
                "(learning_rate and reg_lambda also work); hidden_size values: 512 or 512x256. "
-               f"Default: {' '.join(DEFAULT_SPACE)}, plus {DEFAULT_DECAYS} with --lr-schedule step.")
+               f"Default: {' '.join(DEFAULT_SPACE)}, plus {DEFAULT_DECAYS} with --lr-schedule "
+               "step.")
     s = parser.add_argument_group("search")
     s.add_argument("--space", nargs="+", action="extend", metavar="KEY=VALUES",
                    help="searched options (default: see below)")
