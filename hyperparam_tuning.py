@@ -262,7 +262,7 @@ class JournalStore:
     first moves an unfinished last line (left by a full disk or a power cut) to <journal>.torn."""
 
     def __init__(self, path):
-        self.path, self._writing = path, None
+        self.path, self._write_lock = path, None
         os.makedirs(path + ".workers", exist_ok=True)
         with self.lock(CLAIM):
             backend = optuna.storages.journal.JournalFileBackend(path, lock_obj=self)
@@ -284,7 +284,7 @@ class JournalStore:
                 held.close()
 
     def acquire(self):
-        self._writing = cli.flocked(self.path)  # Optuna's own lock is a symlink: no clash
+        self._write_lock = cli.flocked(self.path)  # Optuna's own lock is a symlink: no clash
         with open(self.path, "rb+") as f:
             size = f.seek(0, os.SEEK_END)
             f.seek(max(0, size - (1 << 20)))  # a journal line is far shorter than 1 MiB
@@ -302,7 +302,7 @@ class JournalStore:
         return True
 
     def release(self):
-        self._writing.close()
+        self._write_lock.close()
 
 
 class PostgresStore:
