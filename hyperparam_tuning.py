@@ -77,6 +77,15 @@ FILES = {"json": "trials.json", "csv": "trials.csv", "best": "best_result.json",
 # --- search space -----------------------------------------------------------------------------
 # A space maps config keys to {"choices": [...]} or {"low", "high", "log", "int"}.
 # hidden_size choices are strings "AxB" (Optuna's categorical values must be scalars).
+# How a value is read, by the type of the option's default: (reader, what it should be).
+READ = {
+    bool: (lambda text: BOOLS[text.lower()], "true or false"),
+    list: (lambda text: "x".join(map(str, hidden_sizes(text))), "a size such as 512 or 512x256"),
+    int: (int, "int"), float: (float, "float"), str: (str, "str"),
+}
+BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+# The types a range may search, and its bounds' type (a hidden-size range sizes both layers).
+BOUNDS = {int: int, float: float, list: int}
 
 
 def parse_space(items):
@@ -129,42 +138,32 @@ def load_space_file(path):
 
 def parse_param(key, text):
     """One parameter: a list of choices, or a `lo:hi[:log]` range, typed like the default."""
-    default, parts = cfg.DEFAULT_CONFIG[key], [p.strip() for p in text.split(":")]
+    kind, parts = type(cfg.DEFAULT_CONFIG[key]), [p.strip() for p in text.split(":")]
     if len(parts) == 1:
-        values = [_parse_value(key, v.strip()) for v in text.split(",")]
+        read, expected = READ[kind]
+        values = []
+        for value in (v.strip() for v in text.split(",")):
+            try:
+                values.append(read(value))
+            except (KeyError, ValueError):
+                raise cli.Error(f"--space {key}: cannot read {value!r} as {expected}") from None
         if len(set(values)) < len(values):
             raise cli.Error(f"--space {key} repeats a value: {text}")
         return {"choices": values}
     log = parts[-1].lower() == "log"
     parts = parts[:-1] if log else parts
-    if len(parts) != 2 or isinstance(default, (bool, str)):
+    if len(parts) != 2 or kind not in BOUNDS:
         raise cli.Error(f"--space {key}={text}: a range is lo:hi or lo:hi:log, and only for "
                         "numbers")
-    is_int = isinstance(default, (int, list))  # a hidden-size range sizes both layers
     try:
-        low, high = (int(p) if is_int else float(p) for p in parts)
+        low, high = map(BOUNDS[kind], parts)
     except ValueError:
         raise cli.Error(f"--space {key}={text}: bounds must be "
-                        f"{'integers' if is_int else 'numbers'}") from None
+                        f"{'integers' if BOUNDS[kind] is int else 'numbers'}") from None
     if not low < high or (log and low <= 0):
         raise cli.Error(f"--space {key}={text}: need lo < hi" + (" and lo > 0 for log" if log
                                                                   else ""))
-    return {"low": low, "high": high, "log": log, "int": is_int}
-
-
-def _parse_value(key, text):
-    default = cfg.DEFAULT_CONFIG[key]
-    try:
-        if isinstance(default, bool):
-            return {"true": True, "1": True, "yes": True, "false": False, "0": False,
-                    "no": False}[text.lower()]
-        if isinstance(default, list):
-            return "x".join(map(str, hidden_sizes(text)))
-        return type(default)(text)
-    except (KeyError, ValueError):
-        kind = {bool: "true or false", list: "a size such as 512 or 512x256"}.get(
-            type(default), type(default).__name__)
-        raise cli.Error(f"--space {key}: cannot read {text!r} as {kind}") from None
+    return {"low": low, "high": high, "log": log, "int": BOUNDS[kind] is int}
 
 
 def hidden_sizes(value):
