@@ -32,6 +32,7 @@ import argparse
 import collections
 import contextlib
 import csv
+import fcntl
 import hashlib
 import itertools
 import json
@@ -187,16 +188,12 @@ def grid(space):
             for values in itertools.product(*(p["choices"] for p in space.values()))]
 
 
-def suggest(trial, space):
-    """Ask Optuna for each parameter (a queued trial gets its queued values back)."""
-    for key, p in space.items():
-        if "choices" in p:
-            trial.suggest_categorical(key, p["choices"])
-        elif p["int"]:
-            trial.suggest_int(key, p["low"], p["high"], log=p["log"])
-        else:
-            trial.suggest_float(key, p["low"], p["high"], log=p["log"])
-    return {key: trial.params[key] for key in space}
+def distributions(space):
+    """The space as Optuna's distributions (a queued trial gets its queued values)."""
+    dist = optuna.distributions
+    return {key: dist.CategoricalDistribution(p["choices"]) if "choices" in p else
+            (dist.IntDistribution if p["int"] else dist.FloatDistribution)(
+                p["low"], p["high"], log=p["log"]) for key, p in space.items()}
 
 
 # --- the plan: everything a worker needs, checked before any work starts ---------------------
@@ -261,8 +258,10 @@ class JournalStore:
     first moves an unfinished last line (left by a full disk or a power cut) to <journal>.torn."""
 
     def __init__(self, path):
-        self.path, self._write_lock = path, None
         os.makedirs(path + ".workers", exist_ok=True)
+        # One open file for every append's flock: a lock that a signal left held (between
+        # acquire and release) is taken again at once, not waited for by its own process.
+        self.path, self._journal = path, open(path, "ab")
         with self.lock(CLAIM):
             backend = optuna.storages.journal.JournalFileBackend(path, lock_obj=self)
             self.storage = optuna.storages.JournalStorage(backend)
@@ -283,13 +282,14 @@ class JournalStore:
                 held.close()
 
     def acquire(self):
-        self._write_lock = cli.flocked(self.path)  # Optuna's own lock is a symlink: no clash
+        fcntl.flock(self._journal, fcntl.LOCK_EX)  # Optuna's own lock is a symlink: no clash
         with open(self.path, "rb+") as f:
             size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - 1))
+            if size == 0 or f.read(1) == b"\n":
+                return True
             f.seek(max(0, size - (1 << 20)))  # a journal line is far shorter than 1 MiB
             tail = f.read()
-            if not tail or tail.endswith(b"\n"):
-                return True
             tail = tail[tail.rfind(b"\n") + 1:]
             with open(self.path + ".torn", "ab") as aside:
                 aside.write(tail + b"\n")
@@ -301,7 +301,7 @@ class JournalStore:
         return True
 
     def release(self):
-        self._write_lock.close()
+        fcntl.flock(self._journal, fcntl.LOCK_UN)
 
 
 class PostgresStore:
@@ -455,7 +455,8 @@ class Worker:
             taken = {_key(trial_params(t)) for t in trials if not interrupted(t)}
             for t in trials:
                 params = trial_params(t)
-                if interrupted(t) and params and _key(params) not in taken:
+                whole = set(params) == set(plan["space"])  # not cut while they were drawn
+                if interrupted(t) and whole and _key(params) not in taken:
                     study.enqueue_trial(params, user_attrs={
                         "retry_of": t.number, "folder": t.user_attrs.get("folder", t.number)})
                     taken.add(_key(params))
@@ -471,8 +472,8 @@ class Worker:
             return has_work
 
     def claim(self):
-        """The next trial, taken and signed with this worker's token under the claim lock;
-        None when no work is left."""
+        """The next trial, its parameters drawn and this worker's token in it under the claim
+        lock; None when no work is left."""
         deadline = self.plan["deadline"]
         if cli.stop_signal or (deadline and time.time() >= deadline):
             return None
@@ -480,7 +481,7 @@ class Worker:
             if not has_work:
                 return None
             self.study.sampler = make_sampler(self.plan, self.index, len(trials))
-            trial = self.study.ask()
+            trial = self.study.ask(distributions(self.plan["space"]))
             trial.set_user_attr("worker", {"token": self.token, "host": socket.gethostname(),
                                            "pid": os.getpid()})
             return trial
@@ -507,7 +508,7 @@ class Worker:
 
         try:
             save_dir = trial_folder(plan, trial)
-            params = config_values(suggest(trial, plan["space"]))
+            params = config_values(trial.params)
             config = cfg.make_config(plan["preset"], **plan["fixed"], **params, save_dir=save_dir)
             trial.set_user_attr("config", config)
             resume = os.path.exists(os.path.join(save_dir, train.STATE_FILE))
