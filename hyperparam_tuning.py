@@ -33,7 +33,6 @@ import collections
 import contextlib
 import csv
 import fcntl
-import hashlib
 import itertools
 import json
 import multiprocessing
@@ -45,6 +44,7 @@ import sys
 import time
 import uuid
 import warnings
+import zlib
 
 import numpy as np
 import optuna
@@ -318,8 +318,8 @@ class PostgresStore:
     @contextlib.contextmanager
     def lock(self, name, wait=True):
         """Hold the lock `name`; yields whether it was free (always so when `wait`ing)."""
-        digest = hashlib.sha256(f"hyperparam_tuning:{self._study}:{name}".encode()).digest()
-        key = int.from_bytes(digest[:8], "big", signed=True)  # a signed 64-bit lock key
+        key = (zlib.crc32(f"hyperparam_tuning:{self._study}".encode()) if name == CLAIM
+               else int(name[:16], 16) - (1 << 63))  # a token: a signed 64-bit key
         with self._engine.connect() as session:  # closing the session drops the lock
             session.execute(self._sql("SET tcp_keepalives_idle = 30; SET "
                                       "tcp_keepalives_interval = 10; SET tcp_keepalives_count = 3"))
