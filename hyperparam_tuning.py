@@ -416,11 +416,11 @@ class Worker:
 
     def __init__(self, plan, index=0, data=None):
         self.plan, self.index, self.data = plan, index, data
-        self.token, self._token = uuid.uuid4().hex, contextlib.ExitStack()
+        self.token, self._held = uuid.uuid4().hex, contextlib.ExitStack()  # its lock
         try:
             self.store = (PostgresStore(plan["storage"], plan["study_name"])
                           if "://" in plan["storage"] else JournalStore(plan["storage"]))
-            self._token.enter_context(self.store.lock(self.token))
+            self._held.enter_context(self.store.lock(self.token))
             with self.store.lock(CLAIM):
                 self.study = open_study(plan, self.store.storage)
         except cli.Error:
@@ -430,7 +430,7 @@ class Worker:
                             f"{cli.one_line(exc) or type(exc).__name__}") from None
 
     def close(self):
-        self._token.close()
+        self._held.close()
 
     def is_dead(self, trial):
         """Whether a running trial's worker is gone: its token is free, or it has none (it
