@@ -116,8 +116,9 @@ def load_space_file(path):
     except OSError as exc:
         raise cli.Error(f"cannot read --space-file {path}: {exc.strerror}") from None
     except (ValueError, RecursionError) as exc:
-        why = ("is not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else "is nested too "
-               "deeply" if isinstance(exc, RecursionError) else f"is not valid JSON: {exc}")
+        why = ("is not UTF-8 text" if isinstance(exc, UnicodeDecodeError)
+               else "is nested too deeply" if isinstance(exc, RecursionError)
+               else f"is not valid JSON: {exc}")
         raise cli.Error(f"--space-file {path} {why}") from None
     if not isinstance(spec, dict):
         raise cli.Error(f"--space-file {path} must hold a JSON object of key: values")
