@@ -32,6 +32,7 @@ import argparse
 import collections
 import contextlib
 import csv
+import fcntl
 import itertools
 import json
 import multiprocessing
@@ -55,8 +56,6 @@ import data_loader
 import model
 import train
 
-SAMPLERS = ("grid", "random", "tpe")
-PRUNERS = ("none", "median", "halving")
 DEFAULT_PRESET = "fast"
 # Close to the report's grid (learning rate x hidden size x regularisation x activation x
 # decay), small enough for an afternoon; lr_decay joins when the schedule is `step`.
@@ -67,7 +66,10 @@ TRAIN_OPTIONS = {k: v for k, v in cfg.DEFAULT_CONFIG.items() if k != "save_dir"}
 BLAS_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 MAX_WORKERS = 4 * CORES
-TOKEN = re.compile(r"[0-9a-f]{32}")
+TOKEN = re.compile(r"[0-9a-f]{32}")  # a worker's token; CLAIM names the claim lock
+CLAIM = "claim"
+STATES = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed",
+          TrialState.RUNNING: "running", TrialState.WAITING: "queued"}
 FILES = {"json": "trials.json", "csv": "trials.csv", "best": "best_result.json",
          "model": "best.npy", "history": "optimization_history.png",
          "importance": "param_importance.png"}  # and val_acc_<a>_<b>.png
@@ -76,6 +78,15 @@ FILES = {"json": "trials.json", "csv": "trials.csv", "best": "best_result.json",
 # --- search space -----------------------------------------------------------------------------
 # A space maps config keys to {"choices": [...]} or {"low", "high", "log", "int"}.
 # hidden_size choices are strings "AxB" (Optuna's categorical values must be scalars).
+# How a value is read, by the type of the option's default: (reader, what it should be).
+READ = {
+    bool: (lambda text: BOOLS[text.lower()], "true or false"),
+    list: (lambda text: "x".join(map(str, hidden_sizes(text))), "a size such as 512 or 512x256"),
+    int: (int, "int"), float: (float, "float"), str: (str, "str"),
+}
+BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+# The types a range may search, and its bounds' type (a hidden-size range sizes both layers).
+BOUNDS = {int: int, float: float, list: int}
 
 
 def parse_space(items):
@@ -83,9 +94,13 @@ def parse_space(items):
     space = {}
     for item in items:
         name, sep, text = item.partition("=")
+        key = name.strip().replace("-", "_")
+        key = cfg.ALIASES.get(key, key)
         if not sep or not text.strip():
             raise cli.Error(f"--space takes KEY=VALUES items such as lr=0.01,0.05; got {item!r}")
-        key = space_key(name)
+        if key not in cfg.DEFAULT_CONFIG or key in LOCAL_KEYS:
+            keys = ", ".join(k for k in cfg.DEFAULT_CONFIG if k not in LOCAL_KEYS)
+            raise cli.Error(f"cannot search {name!r}: not a training option; choose from {keys}")
         if key in space:
             raise cli.Error(f"--space names {key} twice")
         space[key] = parse_param(key, text)
@@ -93,101 +108,79 @@ def parse_space(items):
 
 
 def load_space_file(path):
-    """The search space in a JSON file: {"lr": [0.01, 0.05], "reg": {"low": 1e-4, "high":
-    1e-2, "log": true}, "hidden_size": [256, [512, 256]], "activation": "relu,tanh"}."""
+    """The search space in a JSON file, read as --space items: {"lr": [0.01, 0.05], "reg":
+    {"low": 1e-4, "high": 1e-2, "log": true}, "hidden_size": [256, [512, 256]]}."""
     try:
         with cli.open_regular(path, max_bytes=1 << 20) as f:  # not a FIFO: it would hang
             spec = json.loads(f.read().decode("utf-8"))
     except OSError as exc:
         raise cli.Error(f"cannot read --space-file {path}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise cli.Error(f"--space-file {path} is not UTF-8 text") from None
-    except RecursionError:
-        raise cli.Error(f"--space-file {path} is nested too deeply") from None
-    except json.JSONDecodeError as exc:
-        raise cli.Error(f"--space-file {path} is not valid JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        why = ("is not UTF-8 text" if isinstance(exc, UnicodeDecodeError)
+               else "is nested too deeply" if isinstance(exc, RecursionError)
+               else f"is not valid JSON: {exc}")
+        raise cli.Error(f"--space-file {path} {why}") from None
     if not isinstance(spec, dict):
         raise cli.Error(f"--space-file {path} must hold a JSON object of key: values")
-    return parse_space(f"{name}={_as_text(name, value, path)}" for name, value in spec.items())
-
-
-def _as_text(name, value, path):
-    """A JSON value of a space file in the --space syntax."""
-    if isinstance(value, dict):
-        if set(value) - {"low", "high", "log"} or not {"low", "high"} <= set(value):
+    items = []
+    for name, value in spec.items():
+        if not isinstance(value, dict):
+            values = [("x".join(map(str, v)) if isinstance(v, list) else  # hidden sizes
+                       str(v).lower() if isinstance(v, bool) else str(v))
+                      for v in (value if isinstance(value, list) else [value])]
+            items.append(f"{name}={','.join(values)}")
+        elif set(value) <= {"low", "high", "log"} and {"low", "high"} <= set(value):
+            log = ":log" if value.get("log") else ""
+            items.append(f"{name}={value['low']}:{value['high']}{log}")
+        else:
             raise cli.Error(f"--space-file {path}: {name} must be a list of values or "
-                            f'{{"low": .., "high": .., "log": true|false}}')
-        return f"{value['low']}:{value['high']}" + (":log" if value.get("log") else "")
-
-    def text(v):
-        if isinstance(v, list):
-            return "x".join(str(h) for h in v)
-        return str(v).lower() if isinstance(v, bool) else str(v)
-    return ",".join(text(v) for v in (value if isinstance(value, list) else [value]))
-
-
-def space_key(name):
-    """The config key a --space name means (dashes, the report's names allowed)."""
-    key = name.strip().replace("-", "_")
-    key = cfg.ALIASES.get(key, key)
-    if key not in cfg.DEFAULT_CONFIG or key in LOCAL_KEYS:
-        keys = ", ".join(k for k in cfg.DEFAULT_CONFIG if k not in LOCAL_KEYS)
-        raise cli.Error(f"cannot search {name!r}: not a training option; choose from {keys}")
-    return key
+                            '{"low": .., "high": .., "log": true|false}')
+    return parse_space(items)
 
 
 def parse_param(key, text):
     """One parameter: a list of choices, or a `lo:hi[:log]` range, typed like the default."""
-    default = cfg.DEFAULT_CONFIG[key]
-    if ":" not in text:
-        values = [_parse_value(key, v) for v in text.split(",")]
+    kind, parts = type(cfg.DEFAULT_CONFIG[key]), [p.strip() for p in text.split(":")]
+    if len(parts) == 1:
+        read, expected = READ[kind]
+        values = []
+        for value in (v.strip() for v in text.split(",")):
+            try:
+                values.append(read(value))
+            except (KeyError, ValueError):
+                raise cli.Error(f"--space {key}: cannot read {value!r} as {expected}") from None
         if len(set(values)) < len(values):
             raise cli.Error(f"--space {key} repeats a value: {text}")
         return {"choices": values}
-    parts = [p.strip() for p in text.split(":")]
     log = parts[-1].lower() == "log"
     parts = parts[:-1] if log else parts
-    if len(parts) != 2 or isinstance(default, (bool, str)):
+    if len(parts) != 2 or kind not in BOUNDS:
         raise cli.Error(f"--space {key}={text}: a range is lo:hi or lo:hi:log, and only for "
                         "numbers")
-    is_int = isinstance(default, (int, list))  # a hidden-size range sizes both layers
     try:
-        low, high = (int(p) if is_int else float(p) for p in parts)
+        low, high = map(BOUNDS[kind], parts)
     except ValueError:
         raise cli.Error(f"--space {key}={text}: bounds must be "
-                        f"{'integers' if is_int else 'numbers'}") from None
+                        f"{'integers' if BOUNDS[kind] is int else 'numbers'}") from None
     if not low < high or (log and low <= 0):
-        raise cli.Error(f"--space {key}={text}: need lo < hi" + (" and lo > 0 for log" if log else ""))
-    return {"low": low, "high": high, "log": log, "int": is_int}
+        raise cli.Error(f"--space {key}={text}: need lo < hi" + (" and lo > 0 for log" if log
+                                                                  else ""))
+    return {"low": low, "high": high, "log": log, "int": BOUNDS[kind] is int}
 
 
-def _parse_value(key, text):
-    default, text = cfg.DEFAULT_CONFIG[key], text.strip()
-    try:
-        if isinstance(default, bool):
-            return {"true": True, "1": True, "yes": True, "false": False, "0": False,
-                    "no": False}[text.lower()]
-        if isinstance(default, list):
-            sizes = [int(h) for h in text.lower().split("x")]
-            if len(sizes) not in (1, 2):
-                raise ValueError
-            return "x".join(str(h) for h in sizes * (3 - len(sizes)))
-        return type(default)(text)
-    except (KeyError, ValueError):
-        kind = {bool: "true or false", list: "a size such as 512 or 512x256"}.get(
-            type(default), type(default).__name__)
-        raise cli.Error(f"--space {key}: cannot read {text!r} as {kind}") from None
+def hidden_sizes(value):
+    """Both hidden sizes, from 512 (for both), "512" or "512x256"."""
+    sizes = [int(h) for h in str(value).lower().split("x")]
+    if len(sizes) not in (1, 2):
+        raise ValueError(f"not one or two sizes: {value}")
+    return sizes * (3 - len(sizes))
 
 
 def config_values(params):
     """Trial parameters as config overrides (hidden sizes back to a list of two ints)."""
-    values = dict(params)
-    hidden = values.get("hidden_size")
-    if isinstance(hidden, str):
-        values["hidden_size"] = [int(h) for h in hidden.split("x")]
-    elif isinstance(hidden, int):
-        values["hidden_size"] = [hidden, hidden]
-    return values
+    if "hidden_size" not in params:
+        return dict(params)
+    return {**params, "hidden_size": hidden_sizes(params["hidden_size"])}
 
 
 def grid(space):
@@ -196,16 +189,12 @@ def grid(space):
             for values in itertools.product(*(p["choices"] for p in space.values()))]
 
 
-def suggest(trial, space):
-    """Ask Optuna for each parameter (a queued trial gets its queued values back)."""
-    for key, p in space.items():
-        if "choices" in p:
-            trial.suggest_categorical(key, p["choices"])
-        elif p["int"]:
-            trial.suggest_int(key, p["low"], p["high"], log=p["log"])
-        else:
-            trial.suggest_float(key, p["low"], p["high"], log=p["log"])
-    return {key: trial.params[key] for key in space}
+def distributions(space):
+    """The space as Optuna's distributions (a queued trial gets its queued values)."""
+    dist = optuna.distributions
+    return {key: dist.CategoricalDistribution(p["choices"]) if "choices" in p else
+            (dist.IntDistribution if p["int"] else dist.FloatDistribution)(
+                p["low"], p["high"], log=p["log"]) for key, p in space.items()}
 
 
 # --- the plan: everything a worker needs, checked before any work starts ---------------------
@@ -230,10 +219,23 @@ def make_plan(args):
     if args.sampler == "grid" and ranges:
         raise cli.Error(f"--sampler grid needs lists of values, but {ranges[0]} is a range "
                         "lo:hi; list values or use --sampler random or tpe")
-    _check_values(args.preset, fixed, space)
+    for key, p in space.items():  # each choice and both ends of each range make a valid config
+        for value in p.get("choices", [p.get("low"), p.get("high")]):
+            try:
+                config = cfg.make_config(args.preset, **fixed, **config_values({key: value}))
+                model.get_activation(config["activation"])
+            except cli.Error as exc:
+                raise cli.Error(f"--space {key}={value}: {exc}") from None
+    if "lr_decay" in space and base["lr_schedule"] != "step":
+        print("note: lr_decay only acts with --lr-schedule step", file=sys.stderr)
     out_dir = args.out_dir or os.path.join("results", args.study_name)
     storage = args.storage or os.path.join(out_dir, "study.journal")
-    check_storage(storage)
+    scheme = storage.split("://")[0].split("+")[0] if "://" in storage else None
+    if scheme not in (None, "postgresql"):
+        raise cli.Error(f"--storage takes a journal file or a postgresql:// URL, not {scheme}://"
+                        ": other databases can hand one trial to two workers")
+    if not scheme and os.path.exists(storage) and not os.path.isfile(storage):
+        raise cli.Error(f"--storage {storage} is not a regular file")
     n_trials = args.n_trials or (None if args.sampler == "grid" or args.timeout else 20)
     return {**vars(args), "out_dir": out_dir, "storage": storage, "space": space,
             "fixed": fixed, "base": base, "n_trials": n_trials,
@@ -241,156 +243,91 @@ def make_plan(args):
             "data_dir": base["data_dir"], "parent_pid": None}
 
 
-def _check_values(preset, fixed, space):
-    """Every searched value (each choice, both ends of each range) makes a valid config."""
-    for key, p in space.items():
-        for value in p.get("choices", [p.get("low"), p.get("high")]):
-            try:
-                config = cfg.make_config(preset, **{**fixed, **config_values({key: value})})
-                model.get_activation(config["activation"])
-            except cli.Error as exc:
-                raise cli.Error(f"--space {key}={value}: {exc}") from None
-    if "lr_decay" in space and cfg.make_config(preset, **fixed)["lr_schedule"] != "step":
-        print("note: lr_decay only acts with --lr-schedule step", file=sys.stderr)
-
-
-def check_storage(storage):
-    """Accept a journal file (new, or an existing regular file) or a PostgreSQL URL."""
-    if "://" in storage:
-        scheme = storage.split("://")[0].split("+")[0]
-        if scheme != "postgresql":
-            raise cli.Error(f"--storage takes a journal file or a postgresql:// URL, not "
-                            f"{scheme}://: other databases can hand one trial to two workers")
-    elif os.path.exists(storage) and not os.path.isfile(storage):
-        raise cli.Error(f"--storage {storage} is not a regular file")
-
-
 def where(storage):
     """The storage for messages and for telling studies apart, without a password."""
     if "://" not in storage:
         return os.path.abspath(storage)
-    import sqlalchemy
-    try:
-        return sqlalchemy.engine.make_url(storage).render_as_string(hide_password=True)
-    except Exception:
-        return storage.split("://")[0] + "://..."
-
-
-def search_signature(plan):
-    """What must match for a rerun to continue a stored study (not the budget, not paths)."""
-    base = {k: v for k, v in plan["base"].items() if k not in LOCAL_KEYS}
-    return json.loads(json.dumps({"sampler": plan["sampler"], "space": plan["space"],
-                                  "config": base}))
+    return re.sub(r"(://[^/:@]*):[^/@]*@", r"\1:***@", storage)
 
 
 # --- storages: locks and worker tokens --------------------------------------------------------
 
 
-class JournalLock:
-    """The journal's write lock (an flock) that mends a torn last line before each append."""
+class JournalStore:
+    """A study in a journal file. Its locks are flocks on <journal>.claim and on one file per
+    worker token in <journal>.workers/. It is also the journal's write lock for Optuna, which
+    first moves an unfinished last line (left by a full disk or a power cut) to <journal>.torn."""
 
-    def __init__(self, journal):
-        self.journal, self._file = journal, None
+    def __init__(self, path):
+        os.makedirs(path + ".workers", exist_ok=True)
+        # One open file for every append's flock: a lock that a signal left held (between
+        # acquire and release) is taken again at once, not waited for by its own process.
+        self.path, self._journal = path, open(path, "ab")
+        with self.lock(CLAIM):
+            backend = optuna.storages.journal.JournalFileBackend(path, lock_obj=self)
+            self.storage = optuna.storages.JournalStorage(backend)
+
+    @contextlib.contextmanager
+    def lock(self, name, wait=True):
+        """Hold the lock `name`; yields whether it was free (always so when `wait`ing). A
+        token's file goes with its lock (removed while still held): none is left behind."""
+        path = self.path + ".claim" if name == CLAIM else os.path.join(self.path + ".workers", name)
+        held = cli.flocked(path, wait)
+        try:
+            yield held is not None
+        finally:
+            if held and name != CLAIM:
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+            if held:
+                held.close()
 
     def acquire(self):
-        self._file = cli.flocked(self.journal)  # Optuna's own lock is a symlink: no clash
-        mend_journal(self.journal)
+        fcntl.flock(self._journal, fcntl.LOCK_EX)  # Optuna's own lock is a symlink: no clash
+        with open(self.path, "rb+") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - 1))
+            if size == 0 or f.read(1) == b"\n":
+                return True
+            f.seek(max(0, size - (1 << 20)))  # a journal line is far shorter than 1 MiB
+            tail = f.read()
+            tail = tail[tail.rfind(b"\n") + 1:]
+            with open(self.path + ".torn", "ab") as aside:
+                aside.write(tail + b"\n")
+                os.fsync(aside.fileno())
+            f.truncate(size - len(tail))
+            os.fsync(f.fileno())
+        print(f"note: {self.path} ended in an unfinished line ({len(tail)} bytes, left by a full "
+              f"disk or a power cut); moved it to {self.path}.torn", file=sys.stderr, flush=True)
         return True
 
     def release(self):
-        self._file.close()
-
-
-def mend_journal(path):
-    """Move an unfinished last line aside, so that the next line starts on its own."""
-    with open(path, "rb+") as f:
-        size = f.seek(0, os.SEEK_END)
-        f.seek(max(0, size - 1))
-        if size == 0 or f.read(1) == b"\n":
-            return
-        f.seek(max(0, size - (1 << 20)))  # a journal line is far shorter than 1 MiB
-        tail = f.read()
-        tail = tail[tail.rfind(b"\n") + 1:]
-        start = size - len(tail)
-        with open(path + ".torn", "ab") as aside:
-            aside.write(tail + b"\n")
-            os.fsync(aside.fileno())
-        f.truncate(start)
-        os.fsync(f.fileno())
-    print(f"note: {path} ended in an unfinished line ({len(tail)} bytes, left by a full disk "
-          f"or a power cut); moved it to {path}.torn", file=sys.stderr, flush=True)
-
-
-class JournalStore:
-    """A study in a journal file; the claim lock and the worker tokens are files beside it."""
-
-    def __init__(self, path):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.path, self.tokens, self._token = path, path + ".workers", None
-        with self.claim_lock():
-            backend = optuna.storages.journal.JournalFileBackend(path, lock_obj=JournalLock(path))
-            self.storage = optuna.storages.JournalStorage(backend)
-
-    def claim_lock(self):
-        return contextlib.closing(cli.flocked(self.path + ".claim"))
-
-    def hold_token(self, token):
-        os.makedirs(self.tokens, exist_ok=True)
-        self._token = cli.flocked(os.path.join(self.tokens, token))
-
-    def drop_token(self):
-        with contextlib.suppress(OSError):
-            os.remove(self._token.name)  # still locked: no one can take it for dead meanwhile
-        self._token.close()
-
-    def is_dead(self, token):
-        """Whether the worker holding `token` is gone (call under the claim lock)."""
-        f = cli.flocked(os.path.join(self.tokens, token), wait=False)
-        if f:
-            with f, contextlib.suppress(OSError):
-                os.remove(f.name)
-        return f is not None
+        fcntl.flock(self._journal, fcntl.LOCK_UN)
 
 
 class PostgresStore:
-    """A study in PostgreSQL; the claim lock and the tokens are advisory locks on the server,
-    dropped when a worker's session ends (the server probes an idle peer's TCP link)."""
+    """A study in PostgreSQL; its locks are advisory locks, each in a session of its own,
+    which the server drops when the session ends (it probes an idle peer's TCP link)."""
 
     def __init__(self, url, study_name):
         import sqlalchemy
         self._engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
-        self._sql, self._key = sqlalchemy.text, zlib.crc32(f"hyperparam_tuning:{study_name}".encode())
-        self._session = self._token = None
-        with self.claim_lock():  # machines starting together must not all create the tables
+        self._sql, self._study = sqlalchemy.text, study_name
+        with self.lock(CLAIM):  # machines starting together must not all create the tables
             self.storage = optuna.storages.RDBStorage(url)
 
     @contextlib.contextmanager
-    def claim_lock(self):
+    def lock(self, name, wait=True):
+        """Hold the lock `name`; yields whether it was free (always so when `wait`ing)."""
+        key = (zlib.crc32(f"hyperparam_tuning:{self._study}".encode()) if name == CLAIM
+               else int(name[:16], 16) - (1 << 63))  # a token: a signed 64-bit key
         with self._engine.connect() as session:  # closing the session drops the lock
-            session.execute(self._sql("SELECT pg_advisory_lock(:k)"), {"k": self._key})
-            self._session = session
-            yield
-
-    def hold_token(self, token):
-        self._token = self._engine.connect()
-        self._token.execute(self._sql("SET tcp_keepalives_idle = 30; SET "
+            session.execute(self._sql("SET tcp_keepalives_idle = 30; SET "
                                       "tcp_keepalives_interval = 10; SET tcp_keepalives_count = 3"))
-        self._token.execute(self._sql("SELECT pg_advisory_lock(:k)"), {"k": _lock_key(token)})
-        self._token.commit()  # the lock is the session's: no transaction stays open
-
-    def drop_token(self):
-        self._token.close()
-
-    def is_dead(self, token):
-        taken = self._session.execute(self._sql("SELECT pg_try_advisory_lock(:k)"),
-                                      {"k": _lock_key(token)}).scalar()
-        if taken:
-            self._session.execute(self._sql("SELECT pg_advisory_unlock(:k)"), {"k": _lock_key(token)})
-        return taken
-
-
-def _lock_key(token):
-    return int(token[:16], 16) - (1 << 63)  # an advisory lock key is a signed 64-bit int
+            take = "pg_advisory_lock" if wait else "pg_try_advisory_lock"
+            free = session.execute(self._sql(f"SELECT {take}(:k)"), {"k": key}).scalar()
+            session.commit()  # the lock is the session's: no transaction stays open
+            yield wait or free
 
 
 def make_sampler(plan, worker, n_trials):
@@ -403,22 +340,21 @@ def make_sampler(plan, worker, n_trials):
     return optuna.samplers.RandomSampler(seed=seed)  # grid trials are queued: none consulted
 
 
-def make_pruner(plan):
-    warmup = plan["prune_warmup"]
-    if plan["pruner"] == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=plan["prune_startup"],
-                                           n_warmup_steps=warmup)
-    if plan["pruner"] == "halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, warmup))
-    return optuna.pruners.NopPruner()
-
-
 def open_study(plan, storage):
-    """Create the study or load it, refusing one made by a different search."""
+    """Create the study or load it, refusing one made by a different search (the budget and
+    the paths may change between runs)."""
+    warmup = plan["prune_warmup"]
+    pruner = {"none": optuna.pruners.NopPruner(),
+              "median": optuna.pruners.MedianPruner(n_startup_trials=plan["prune_startup"],
+                                                    n_warmup_steps=warmup),
+              "halving": optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, warmup)),
+              }[plan["pruner"]]
     study = optuna.create_study(storage=storage, study_name=plan["study_name"],
-                                direction="maximize", load_if_exists=True,
-                                pruner=make_pruner(plan))
-    signature, stored = search_signature(plan), study.user_attrs.get("search")
+                                direction="maximize", load_if_exists=True, pruner=pruner)
+    base = {k: v for k, v in plan["base"].items() if k not in LOCAL_KEYS}
+    signature = json.loads(json.dumps({"sampler": plan["sampler"], "space": plan["space"],
+                                       "config": base}))  # as stored: lists, not tuples
+    stored = study.user_attrs.get("search")
     if stored is None:
         study.set_user_attr("search", signature)
     elif stored != signature:
@@ -431,7 +367,7 @@ def open_study(plan, storage):
     return study
 
 
-# --- bookkeeping: which trials are done, which are missing ------------------------------------
+# --- workers: which trials are done, which are missing, who runs what -------------------------
 
 
 def trial_params(trial):
@@ -457,62 +393,36 @@ def counted(trials):
 
 def trial_folder(plan, trial):
     """A trial's folder: its own, or that of the interrupted trial it continues."""
-    return os.path.join(plan["out_dir"], f"trial_{int(trial.user_attrs.get('folder', trial.number))}")
+    number = int(trial.user_attrs.get("folder", trial.number))
+    return os.path.join(plan["out_dir"], f"trial_{number}")
 
 
 def _key(params):
     return tuple(sorted(params.items()))
 
 
-def retire_dead(study, store, trials):
-    """Fail the running trials whose worker is gone (only under the claim lock)."""
-    for t in trials:
-        token = str(t.user_attrs.get("worker", {}).get("token"))
-        if t.state == TrialState.RUNNING and (not TOKEN.fullmatch(token) or store.is_dead(token)):
-            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-
-
-def queue_missing(study, plan, trials):
-    """Queue a rerun of each interrupted trial, in its folder, and the grid points not taken."""
-    retried = {t.user_attrs.get("retry_of") for t in trials}
-    taken = {_key(trial_params(t)) for t in trials if not interrupted(t)}
-    for t in trials:
-        params = trial_params(t)
-        if interrupted(t) and params and t.number not in retried and _key(params) not in taken:
-            study.enqueue_trial(params, user_attrs={
-                "retry_of": t.number, "folder": t.user_attrs.get("folder", t.number)})
-            taken.add(_key(params))
-    if plan["sampler"] == "grid":
-        for point in grid(plan["space"]):
-            if _key(point) not in taken:
-                study.enqueue_trial(point)
-
-
-def work_left(plan, trials):
-    if plan["n_trials"] is not None and counted(trials) >= plan["n_trials"]:
-        return False
-    return plan["sampler"] != "grid" or any(t.state == TrialState.WAITING for t in trials)
-
-
-def machine_failure(exc):
-    """Whether `exc` is the machine's fault (a write that failed), not the configuration's."""
-    return any(isinstance(e, OSError) for e in (exc, exc.__cause__, exc.__context__))
-
-
-# --- workers ----------------------------------------------------------------------------------
+def to_run(plan, trials):
+    """How many trials are left: the queued grid points, or the rest of a random or tpe
+    search, within the budget; None for trials until --timeout."""
+    budget = max(0, plan["n_trials"] - counted(trials)) if plan["n_trials"] else None
+    if plan["sampler"] != "grid":
+        return budget
+    queued = sum(t.state == TrialState.WAITING for t in trials)
+    return queued if budget is None else min(queued, budget)
 
 
 class Worker:
-    """One process's share of the search: its store, token, study and data."""
+    """One process's share of the search: its store, its token (held for its life), the
+    study and the data."""
 
     def __init__(self, plan, index=0, data=None):
         self.plan, self.index, self.data = plan, index, data
-        self.token = uuid.uuid4().hex
+        self.token, self._held = uuid.uuid4().hex, contextlib.ExitStack()  # its lock
         try:
             self.store = (PostgresStore(plan["storage"], plan["study_name"])
                           if "://" in plan["storage"] else JournalStore(plan["storage"]))
-            self.store.hold_token(self.token)
-            with self.store.claim_lock():
+            self._held.enter_context(self.store.lock(self.token))
+            with self.store.lock(CLAIM):
                 self.study = open_study(plan, self.store.storage)
         except cli.Error:
             raise
@@ -521,24 +431,50 @@ class Worker:
                             f"{cli.one_line(exc) or type(exc).__name__}") from None
 
     def close(self):
-        self.store.drop_token()
+        self._held.close()
+
+    def is_dead(self, trial):
+        """Whether a running trial's worker is gone: its token is free, or it has none (it
+        died between taking the trial and recording itself in it, both under the claim lock)."""
+        token = str(trial.user_attrs.get("worker", {}).get("token"))
+        if not TOKEN.fullmatch(token):  # also never a path out of <journal>.workers/
+            return True
+        with self.store.lock(token, wait=False) as free:
+            return free
 
     @contextlib.contextmanager
     def claimed(self):
-        """Hold the claim lock, with dead trials retired and missing ones queued; yields
-        whether work is left and the trials."""
-        with self.store.claim_lock():
-            retire_dead(self.study, self.store, self.study.get_trials(deepcopy=False))
-            queue_missing(self.study, self.plan, self.study.get_trials(deepcopy=False))
-            trials = self.study.get_trials(deepcopy=False)
-            yield work_left(self.plan, trials), trials
+        """Hold the claim lock and bring the study up to date: fail the trials of dead workers,
+        then queue a rerun (in its folder) of each interrupted trial whose point no other trial
+        holds, and the grid points not taken. Yields whether work is left, and the trials."""
+        study, plan = self.study, self.plan
+        with self.store.lock(CLAIM):
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                if self.is_dead(t):
+                    study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+            trials = study.get_trials(deepcopy=False)
+            taken = {_key(trial_params(t)) for t in trials if not interrupted(t)}
+            for t in trials:
+                params = trial_params(t)
+                whole = set(params) == set(plan["space"])  # not cut while they were drawn
+                if interrupted(t) and whole and _key(params) not in taken:
+                    study.enqueue_trial(params, user_attrs={
+                        "retry_of": t.number, "folder": t.user_attrs.get("folder", t.number)})
+                    taken.add(_key(params))
+            if plan["sampler"] == "grid":
+                for point in grid(plan["space"]):
+                    if _key(point) not in taken:
+                        study.enqueue_trial(point)
+            trials = study.get_trials(deepcopy=False)
+            yield to_run(plan, trials) != 0, trials
 
     def has_work(self):
         with self.claimed() as (has_work, _):
             return has_work
 
     def claim(self):
-        """The next trial, taken under the claim lock; None when no work is left."""
+        """The next trial, its parameters drawn and this worker's token in it under the claim
+        lock; None when no work is left."""
         deadline = self.plan["deadline"]
         if cli.stop_signal or (deadline and time.time() >= deadline):
             return None
@@ -546,7 +482,7 @@ class Worker:
             if not has_work:
                 return None
             self.study.sampler = make_sampler(self.plan, self.index, len(trials))
-            trial = self.study.ask()
+            trial = self.study.ask(distributions(self.plan["space"]))
             trial.set_user_attr("worker", {"token": self.token, "host": socket.gethostname(),
                                            "pid": os.getpid()})
             return trial
@@ -558,19 +494,22 @@ class Worker:
             write_tables(self.study, self.plan)
 
     def run_trial(self, trial):
-        """Train one trial and record how it ended; a signal or a machine failure also
-        stops the worker (the trial runs again on the next run)."""
-        plan, records, start = self.plan, [], time.perf_counter()
-        save_dir, state, value, why, stop, result = trial_folder(plan, trial), None, None, "", None, {}
+        """Train one trial, tell how it ended and print one line. A signal or a failure of the
+        machine (an OSError while writing) also stops the worker, and the trial runs again on
+        the next run; a failure of the configuration (divergence, a bad value) is final. A
+        trial that another worker took for dead and retired meanwhile is only reported."""
+        plan, new, start = self.plan, [], time.perf_counter()
+        state, value, why, stop, result = TrialState.FAIL, None, "", None, {}
 
         def on_epoch(record):
-            records.append(record)
+            new.append(record)
             trial.report(record["val_acc"], record["epoch"])
             if trial.should_prune():
                 raise optuna.TrialPruned()
 
         try:
-            params = config_values(suggest(trial, plan["space"]))
+            save_dir = trial_folder(plan, trial)
+            params = config_values(trial.params)
             config = cfg.make_config(plan["preset"], **plan["fixed"], **params, save_dir=save_dir)
             trial.set_user_attr("config", config)
             resume = os.path.exists(os.path.join(save_dir, train.STATE_FILE))
@@ -587,18 +526,11 @@ class Worker:
             why = f"diverged: {exc}"
         except Exception as exc:
             why = f"error: {type(exc).__name__}: {cli.one_line(exc)}"
-            if machine_failure(exc):
+            if any(isinstance(e, OSError) for e in (exc, exc.__cause__, exc.__context__)):
                 why = f"interrupted: the machine failed: {cli.one_line(exc)}"
                 stop = cli.Error(f"trial {trial.number} stopped: {cli.one_line(exc)}; fix this, "
                                  "then rerun the command: the trial will run again")
-        self.finish(trial, state or TrialState.FAIL, value, why,
-                    result.get("history", records), records, time.perf_counter() - start)
-        if stop:
-            raise stop
-
-    def finish(self, trial, state, value, why, history, new, seconds):
-        """Record the trial's end and print one line; one that another worker took for dead
-        and retired meanwhile is only reported (its point runs again)."""
+        history, seconds = result.get("history", new), time.perf_counter() - start
         attrs = {"seconds": round(seconds, 2), "epochs_run": len(history)}
         if history:
             best = max(history, key=lambda r: r["val_acc"])
@@ -612,16 +544,17 @@ class Worker:
             told = self.study.tell(trial, value, state, skip_if_finished=True)
         except optuna.exceptions.UpdateFinishedTrialError:
             told = None
-        if told is None or told.state != state:
+        if told is None or told.state != state:  # its point runs again
             print(f"note: trial {trial.number} was retired by another worker while it ran "
                   "(its worker was taken for dead); its result is dropped", flush=True)
-            return
-        label = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned"}.get(state, "failed")
-        acc = f"val acc {attrs['best_val_acc']:.4f}, " if history else ""
-        epochs = f"{len(history)} epoch(s)" + (f" ({len(new)} now)" if len(new) != len(history) else "")
-        params = " ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
-        print(f"trial {trial.number:3d} {label:<8} {acc}{epochs}, {seconds:.0f} s  {params}"
-              + (f"  ({why})" if why else ""), flush=True)
+        else:
+            acc = f"val acc {attrs['best_val_acc']:.4f}, " if history else ""
+            now = f" ({len(new)} now)" if len(new) != len(history) else ""
+            params = " ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
+            print(f"trial {trial.number:3d} {STATES[state]:<8} {acc}{len(history)} epoch(s){now}, "
+                  f"{seconds:.0f} s  {params}" + (f"  ({why})" if why else ""), flush=True)
+        if stop:
+            raise stop
 
 
 def blas_threads(workers):
@@ -691,31 +624,28 @@ COLUMNS = ["number", "state", "best_val_acc", "best_epoch", "epochs_run", "final
            "final_val_loss", "seconds", "reason", "folder", "host", "started", "finished"]
 
 
-def trial_row(trial, plan):
-    """A trial as one dict: state, parameters, best validation accuracy, losses, time."""
-    a, when = trial.user_attrs, lambda t: t and t.isoformat(timespec="seconds")
-    return {"number": trial.number, "state": trial.state.name,
-            "best_val_acc": a.get("best_val_acc"), "best_epoch": a.get("best_epoch"),
-            "epochs_run": a.get("epochs_run"), "final_train_loss": a.get("train_loss"),
-            "final_val_loss": a.get("val_loss"), "seconds": a.get("seconds"),
-            "params": trial_params(trial), "reason": failure(trial),
-            "folder": trial_folder(plan, trial), "host": a.get("worker", {}).get("host"),
-            "started": when(trial.datetime_start), "finished": when(trial.datetime_complete),
-            "retry_of": a.get("retry_of"), "config": a.get("config")}
-
-
 def write_tables(study, plan):
-    """trials.json (which also marks the folder as this study's) and trials.csv, each
-    rewritten whole and atomically."""
-    rows, keys = [trial_row(t, plan) for t in study.get_trials(deepcopy=False)], list(plan["space"])
+    """trials.json (which also marks the folder as this study's) and trials.csv (a column per
+    searched option), each rewritten whole and atomically."""
+    rows, when = [], lambda t: t and t.isoformat(timespec="seconds")
+    for t in study.get_trials(deepcopy=False):
+        a = t.user_attrs
+        rows.append({"number": t.number, "state": t.state.name,
+                     "best_val_acc": a.get("best_val_acc"), "best_epoch": a.get("best_epoch"),
+                     "epochs_run": a.get("epochs_run"), "final_train_loss": a.get("train_loss"),
+                     "final_val_loss": a.get("val_loss"), "seconds": a.get("seconds"),
+                     "params": trial_params(t), "reason": failure(t),
+                     "folder": trial_folder(plan, t), "host": a.get("worker", {}).get("host"),
+                     "started": when(t.datetime_start), "finished": when(t.datetime_complete),
+                     "retry_of": a.get("retry_of"), "config": a.get("config")})
     cli.write_json(os.path.join(plan["out_dir"], FILES["json"]),
                    {"study": plan["study_name"], "storage": where(plan["storage"]),
                     "sampler": plan["sampler"], "space": plan["space"], "trials": rows})
+    columns = [*COLUMNS[:8], *plan["space"], *COLUMNS[8:]]
     with cli.atomic_write(os.path.join(plan["out_dir"], FILES["csv"]), "w") as f:
-        writer = csv.DictWriter(f, COLUMNS[:8] + keys + COLUMNS[8:], extrasaction="ignore",
-                                lineterminator="\n")
+        writer = csv.DictWriter(f, columns, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
-        writer.writerows({**row, **{k: row["params"].get(k) for k in keys}} for row in rows)
+        writer.writerows({**row, **row["params"]} for row in rows)
 
 
 def check_out_dir(plan):
@@ -731,12 +661,6 @@ def check_out_dir(plan):
     if held != (plan["study_name"], where(plan["storage"])):
         raise cli.Error(f"--out-dir {plan['out_dir']} holds study {held[0]!r} in {held[1]}; "
                         "give this study another --out-dir")
-
-
-def ranked(study):
-    """The complete trials, best first (of equals, the earlier)."""
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return sorted(complete, key=lambda t: (-t.value, t.number))
 
 
 def write_best(best, plan):
@@ -766,116 +690,89 @@ def write_best(best, plan):
     return result
 
 
-def top_table(trials, keys):
-    """The trials as aligned text lines under a header."""
-    header = ["rank", "trial", "val_acc", "epochs", "seconds", *keys]
-    rows = [[str(i), str(t.number), f"{t.value:.4f}", str(t.user_attrs.get("epochs_run", "")),
-             f"{t.user_attrs.get('seconds', 0):.0f}", *(_fmt(t.params.get(k)) for k in keys)]
-            for i, t in enumerate(trials, 1)]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    return ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [header, *rows]]
-
-
 def _fmt(value):
     return f"{value:.4g}" if isinstance(value, float) else cli.shown(value)
 
 
 def summary(study):
     """Counts of trials per state, e.g. '6 complete, 1 pruned, 1 failed, 1 running'."""
-    trials = study.get_trials(deepcopy=False)
-    n, cut = collections.Counter(t.state for t in trials), sum(interrupted(t) for t in trials)
-    parts = [f"{n[TrialState.COMPLETE]} complete", f"{n[TrialState.PRUNED]} pruned",
-             f"{n[TrialState.FAIL] - cut} failed"]
-    for label, count in (("interrupted (rerun)", cut), ("running", n[TrialState.RUNNING]),
-                         ("queued", n[TrialState.WAITING])):
-        if count:
-            parts.append(f"{count} {label}")
-    return ", ".join(parts)
+    n = collections.Counter("interrupted (rerun)" if interrupted(t) else STATES[t.state]
+                            for t in study.get_trials(deepcopy=False))
+    words = ["complete", "pruned", "failed", "interrupted (rerun)", "running", "queued"]
+    return ", ".join(f"{n[w]} {w}" for w in words if n[w] or w in words[:3])
 
 
-# --- plots ------------------------------------------------------------------------------------
-
-
-def optuna_plot(draw, path):
-    """Save the plot `draw(optuna.visualization.matplotlib)` returns (Axes or an array of
-    them), with Optuna's style kept inside an rc_context; no display needed."""
+def draw_plots(study, plan):
+    """optimization_history.png (trials numbered as integers), param_importance.png by
+    PED-ANOVA (named here: Optuna 4's default, fANOVA, needs scikit-learn), and validation
+    accuracy against the two most important searched parameters that varied, in
+    val_acc_<a>_<b>.png (older such plots removed). Optuna's style stays in an rc_context.
+    Returns the name of that last plot and why there are no importances."""
     import matplotlib
     matplotlib.use("agg")
     import matplotlib.pyplot as plt
     import optuna.visualization.matplotlib as plots
+    from matplotlib.ticker import MaxNLocator
     import utils
-    with matplotlib.rc_context(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Optuna's matplotlib plots are "experimental"
-        figure = np.ravel(draw(plots))[0].figure
+
+    def save(axes, name):  # Axes, or an array of them
+        figure = np.ravel(axes)[0].figure
         try:
-            utils.save_figure(figure, path)
+            utils.save_figure(figure, os.path.join(plan["out_dir"], name))
         finally:
             plt.close(figure)
 
-
-def plot_history(study, path):
-    """Each trial's validation accuracy and the best so far, trials numbered as integers."""
-    from matplotlib.ticker import MaxNLocator
-
-    def draw(plots):
-        ax = plots.plot_optimization_history(study, target_name="validation accuracy")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        return ax
-    optuna_plot(draw, path)
-
-
-def plot_importance(study, path):
-    """Parameter importances by PED-ANOVA, named here (Optuna 4's default, fANOVA, needs
-    scikit-learn); returns the importances and why there are none."""
-    evaluator = optuna.importance.PedAnovaImportanceEvaluator()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+    target, evaluator = "validation accuracy", optuna.importance.PedAnovaImportanceEvaluator()
+    with matplotlib.rc_context(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna's matplotlib plots are "experimental"
+        history = plots.plot_optimization_history(study, target_name=target)
+        history.xaxis.set_major_locator(MaxNLocator(integer=True))
+        save(history, FILES["history"])
+        try:
             importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
-    except Exception as exc:  # too few complete trials
-        return {}, f"{type(exc).__name__}: {exc}"
-    if not importances:
-        return {}, "no parameter varies among the complete trials"
-    optuna_plot(lambda plots: plots.plot_param_importances(
-        study, evaluator=evaluator, target_name="validation accuracy"), path)
-    return importances, None
-
-
-def plot_top_pair(study, plan, importances):
-    """Validation accuracy against the two most important searched parameters that varied
-    (or the one), in val_acc_<a>_<b>.png; older such plots are removed."""
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    varied = [k for k in plan["space"] if len({str(t.params.get(k)) for t in complete}) > 1]
-    names = sorted(varied, key=lambda k: -importances.get(k, 0))[:2]
-    path = os.path.join(plan["out_dir"], f"val_acc_{'_'.join(names)}.png")
-    for old in os.listdir(plan["out_dir"]):
-        if re.fullmatch(r"val_acc_.*\.png", old) and old != os.path.basename(path):
-            os.remove(os.path.join(plan["out_dir"], old))
-    if names:
-        optuna_plot(lambda plots: plots.plot_slice(
-            study, params=names, target_name="validation accuracy"), path)
-    return path if names else None
+            why_not = None if importances else "no parameter varies among the complete trials"
+        except Exception as exc:  # too few complete trials
+            importances, why_not = {}, f"{type(exc).__name__}: {exc}"
+        if importances:
+            save(plots.plot_param_importances(study, evaluator=evaluator, target_name=target),
+                 FILES["importance"])
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        varied = [k for k in plan["space"] if len({str(t.params.get(k)) for t in complete}) > 1]
+        names = sorted(varied, key=lambda k: -importances.get(k, 0))[:2]
+        pair = f"val_acc_{'_'.join(names)}.png" if names else None
+        for old in os.listdir(plan["out_dir"]):
+            if re.fullmatch(r"val_acc_.*\.png", old) and old != pair:
+                os.remove(os.path.join(plan["out_dir"], old))
+        if names:
+            save(plots.plot_slice(study, params=names, target_name=target), pair)
+    return pair, why_not
 
 
 def report(study, plan):
     """Write every output file, then print the top-k table and where things are."""
-    out, trials = plan["out_dir"], ranked(study)
     write_tables(study, plan)
-    best = write_best(trials[0], plan) if trials else None
-    plot_history(study, os.path.join(out, FILES["history"]))
-    importances, why_not = plot_importance(study, os.path.join(out, FILES["importance"]))
-    pair = plot_top_pair(study, plan, importances)
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    ranked = sorted(complete, key=lambda t: (-t.value, t.number))  # of equals, the earlier
+    best = write_best(ranked[0], plan) if ranked else None
+    pair, why_not = draw_plots(study, plan)
     print(f"\nStudy {plan['study_name']!r}: {summary(study)}")
     if best is None:
         print("No trial has completed yet.")
         return
-    table = top_table(trials[:plan["top_k"]], list(plan["space"]))
-    print(f"Top {len(table) - 1} by validation accuracy:", *table, sep="\n")
+    keys = list(plan["space"])
+    rows = [["rank", "trial", "val_acc", "epochs", "seconds", *keys]] + [
+        [str(i), str(t.number), f"{t.value:.4f}", str(t.user_attrs.get("epochs_run", "")),
+         f"{t.user_attrs.get('seconds', 0):.0f}", *(_fmt(t.params.get(k)) for k in keys)]
+        for i, t in enumerate(ranked[:plan["top_k"]], 1)]
+    widths = [max(map(len, column)) for column in zip(*rows)]
+    print(f"Top {len(rows) - 1} by validation accuracy:")
+    for row in rows:
+        print("  ".join(cell.rjust(width) for cell, width in zip(row, widths)))
     if why_not:
         print(f"(parameter importance not drawn: {why_not})")
     print(f"\nBest: trial {best['trial']}, validation accuracy {best['best_val_acc']:.4f}")
-    files = [*FILES.values(), *([os.path.basename(pair)] if pair else [])]
-    print(f"Saved in {out}: {', '.join(files)}")
+    files = [*FILES.values(), *([pair] if pair else [])]
+    print(f"Saved in {plan['out_dir']}: {', '.join(files)}")
     if best["checkpoint"]:
         print(f"Evaluate it: python test.py --model {best['checkpoint']}")
     print(f"Browse the study: optuna-dashboard {where(plan['storage'])}")
@@ -883,20 +780,15 @@ def report(study, plan):
 
 def status_line(study, plan):
     """What the study holds and what this run will do, in one line."""
-    trials = study.get_trials(deepcopy=False)
+    trials, workers = study.get_trials(deepcopy=False), plan["workers"]
     finished = counted([t for t in trials if t.state.is_finished()])
-    budget = plan["n_trials"] - counted(trials) if plan["n_trials"] else None
-    if plan["sampler"] == "grid":
-        what = f"a grid of {len(grid(plan['space']))} combinations"
-        queued = sum(t.state == TrialState.WAITING for t in trials)
-        todo = queued if budget is None else min(queued, budget)
-    else:
-        what = f"a {plan['sampler']} search"
-        todo = "trials until --timeout" if budget is None else budget
-    workers = plan["workers"]
+    what = (f"a grid of {len(grid(plan['space']))} combinations" if plan["sampler"] == "grid"
+            else f"a {plan['sampler']} search")
+    todo = to_run(plan, trials)
     threads = f" with {blas_threads(workers)} BLAS thread(s) each" if workers > 1 else ""
     return (f"Study {plan['study_name']!r} in {where(plan['storage'])}: {what}; {finished} "
-            f"trial(s) finished before; {todo} to run on {workers} worker(s){threads}")
+            f"trial(s) finished before; {'trials until --timeout' if todo is None else todo} "
+            f"to run on {workers} worker(s){threads}")
 
 
 # --- command line -----------------------------------------------------------------------------
@@ -916,20 +808,21 @@ def build_parser():
         epilog="--space items: KEY=V1,V2,... lists values (a grid dimension); KEY=LO:HI[:log] "
                "is a range (random and tpe only). KEY is any training option below "
                "(learning_rate and reg_lambda also work); hidden_size values: 512 or 512x256. "
-               f"Default: {' '.join(DEFAULT_SPACE)}, plus {DEFAULT_DECAYS} with --lr-schedule step.")
+               f"Default: {' '.join(DEFAULT_SPACE)}, plus {DEFAULT_DECAYS} with --lr-schedule "
+               "step.")
     s = parser.add_argument_group("search")
     s.add_argument("--space", nargs="+", action="extend", metavar="KEY=VALUES",
                    help="searched options (default: see below)")
     s.add_argument("--space-file", metavar="FILE", help='the same as JSON, e.g. {"lr": [0.01, '
                    '0.05], "reg": {"low": 1e-4, "high": 1e-2, "log": true}}; --space wins')
-    s.add_argument("--sampler", choices=SAMPLERS, default="grid",
+    s.add_argument("--sampler", choices=("grid", "random", "tpe"), default="grid",
                    help="grid runs each combination exactly once")
     s.add_argument("--n-trials", type=cli.bounded(int, 1), metavar="N",
                    help="trials in the whole study, over all runs (default: the grid; 20 for "
                         "random and tpe without --timeout)")
     s.add_argument("--timeout", type=cli.bounded(float, 1e-9), metavar="SECONDS",
                    help="start no trial after this many seconds of this run")
-    s.add_argument("--pruner", choices=PRUNERS, default="none",
+    s.add_argument("--pruner", choices=("none", "median", "halving"), default="none",
                    help="stop poor trials early on their per-epoch validation accuracy")
     s.add_argument("--prune-startup", type=cli.bounded(int, 0), default=5, metavar="N",
                    help="median: complete trials before any pruning")
@@ -959,16 +852,6 @@ def build_parser():
     return parser
 
 
-def check_search_fits(plan, n_images):
-    """Refuse a search whose largest --val-size and --batch-size the data cannot fill."""
-    config = dict(plan["base"])
-    for key in ("val_size", "batch_size"):
-        p = plan["space"].get(key)
-        if p:
-            config[key] = max(p["choices"]) if "choices" in p else int(p["high"])
-    train.check_fits(config, n_images)
-
-
 def main(argv=None):
     args = build_parser().parse_args(argv)
     catch_interrupts()
@@ -978,7 +861,9 @@ def main(argv=None):
     except cli.Error as exc:  # a bad option value: a usage error, exit status 2
         raise cli.UsageError(str(exc)) from exc
     data = data_loader.load_data(plan["data_dir"])  # a download happens here, once
-    check_search_fits(plan, len(data[0]))
+    largest = {key: max(p["choices"]) if "choices" in p else int(p["high"])
+               for key, p in plan["space"].items() if key in ("val_size", "batch_size")}
+    train.check_fits({**plan["base"], **largest}, len(data[0]))  # the data can fill them
     with cli.folder_lock(plan["out_dir"], "--out-dir"):
         check_out_dir(plan)
         worker = Worker(plan, data=data if plan["workers"] == 1 else None)
