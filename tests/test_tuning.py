@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
@@ -537,6 +538,19 @@ def test_a_torn_last_line_of_the_journal_is_moved_aside(tmp_path, data_dir, caps
     trials = load_trials(str(journal))
     assert_grid_once(trials, items)
     assert trials[0].value == done[0]  # the finished trial is kept
+
+
+def test_a_journal_lock_left_held_by_a_signal_does_not_hang_its_own_process(tmp_path):
+    """A signal between Optuna's acquire and release leaves the journal's write lock held;
+    the same process's next write (recording its trial as interrupted) must still go on."""
+    store = ht.JournalStore(str(tmp_path / "study.journal"))
+    assert store.acquire()  # and never released, as after a signal at the wrong moment
+    done = []
+    writer = threading.Thread(target=lambda: done.append(store.acquire()), daemon=True)
+    writer.start()
+    writer.join(timeout=10)
+    assert done == [True], "the process waited on its own journal lock"
+    store.release()
 
 
 def test_a_full_disk_leaves_the_trial_to_run_again(tmp_path, data_dir, monkeypatch):
