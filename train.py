@@ -145,8 +145,7 @@ def save_model(path, net, prep, config, arrays=None, **extra):
 
 def save_state(path, net, optimizer, rng, prep, config, run):
     """Write everything a resumed run needs after an epoch, atomically."""
-    save_model(path, net, prep, config, optimizer.state(), run=run,
-                    rng=rng.bit_generator.state)
+    save_model(path, net, prep, config, optimizer.state(), run=run, rng=rng.bit_generator.state)
 
 
 def check_run(run, epochs):
@@ -169,6 +168,16 @@ def _same(a, b):
     return (a is None) == (b is None) and (a is None or np.array_equal(a, b))
 
 
+def _option_change(key, stored, config):
+    """How one option of a saved run differs from the one given, for the refusal."""
+    flag = "--" + key.replace("_", "-")
+    if key not in stored:
+        return f"{flag} (not in the state: saved by another version)"
+    if key not in config:
+        return f"{flag} {stored[key]} (no such option in this version)"
+    return f"{flag} {stored[key]} (given {config[key]})"
+
+
 def load_state(path, config, net, optimizer, rng, prep):
     """Put the run saved at `path` into net, optimizer and rng; return its progress record.
 
@@ -184,7 +193,7 @@ def load_state(path, config, net, optimizer, rng, prep):
                     if k not in LOCAL_KEYS and stored.get(k) != config.get(k))
     if differ:
         raise cli.UsageError(f"--resume: {path} was saved with other options: " + ", ".join(
-            f"--{k.replace('_', '-')} {stored.get(k)} (given {config.get(k)})" for k in differ))
+            cli.shown(_option_change(k, stored, config)) for k in differ))
     run = meta.get("run")
     try:
         check_run(run, config["epochs"])

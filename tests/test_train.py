@@ -7,6 +7,7 @@ import pytest
 
 import cli
 import config as cfg
+import data_loader
 import model
 import optim
 import train
@@ -230,3 +231,20 @@ def test_a_network_too_big_for_the_machine_is_refused_before_the_data_is_read(tm
     with pytest.raises(cli.UsageError, match=r"--hidden-size 1000000000000 1 needs [\d,]+ GiB"):
         train.train(config)
     assert not any(tmp_path.iterdir())  # nothing read, nothing written
+
+
+def test_a_state_from_another_version_names_the_options_that_differ(tmp_path):
+    config = small_config(tmp_path)
+    net = model.ThreeLayerNN(12, [4, 3], 10)
+    optimizer = optim.SGD(net.params, 0.9)
+    prep = data_loader.Preprocessing(np.zeros(12, np.float32), np.ones(12, np.float32), None)
+    older = {k: v for k, v in config.items() if k != "whiten_eps"}
+    older["lr_min\x1b[2J"] = 0.0  # an option this version lacks (its name escaped when shown)
+    path = tmp_path / train.STATE_FILE
+    train.save_state(path, net, optimizer, np.random.default_rng(0), prep, older, train.new_run())
+    with pytest.raises(cli.UsageError) as refused:
+        train.load_state(path, config, net, optimizer, np.random.default_rng(0), prep)
+    message = str(refused.value)
+    assert "--lr-min\\x1b[2J 0.0 (no such option in this version)" in message, message
+    assert "--whiten-eps (not in the state: saved by another version)" in message, message
+    assert "\x1b" not in message and "--lr " not in message
