@@ -6,6 +6,7 @@ import importlib.util
 import io
 import os
 import pickle
+import signal
 import tarfile
 from pathlib import Path
 
@@ -13,6 +14,12 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# A test suite started in the background (`pytest &` in a script, nohup) inherits an ignored
+# SIGINT, which its child processes would keep, as they should, so the tests that Ctrl-C a
+# child would wait forever. A handler here becomes the default again in each child.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def load_script(name):
