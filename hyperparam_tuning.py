@@ -259,6 +259,7 @@ class JournalStore:
     first moves an unfinished last line (left by a full disk or a power cut) to <journal>.torn."""
 
     def __init__(self, path):
+        path = os.path.realpath(path)  # through a link, the same .claim and .workers/
         os.makedirs(path + ".workers", exist_ok=True)
         # One open file for every append's flock: a lock that a signal left held (between
         # acquire and release) is taken again at once, not waited for by its own process.

@@ -540,6 +540,20 @@ def test_a_torn_last_line_of_the_journal_is_moved_aside(tmp_path, data_dir, caps
     assert trials[0].value == done[0]  # the finished trial is kept
 
 
+def test_a_journal_named_through_a_symlink_shares_its_claim_lock_and_tokens(tmp_path):
+    """Two searches naming one journal, one through a symbolic link, must exclude each other
+    and see each other's workers alive: else each takes every grid point and fails the
+    other's running trials as dead, over and over."""
+    journal, link = tmp_path / "study.journal", tmp_path / "link.journal"
+    real = ht.JournalStore(str(journal))
+    link.symlink_to(journal)
+    linked, token = ht.JournalStore(str(link)), uuid.uuid4().hex
+    with real.lock(ht.CLAIM), linked.lock(ht.CLAIM, wait=False) as free:
+        assert not free, "the claim lock taken twice at once"
+    with real.lock(token), linked.lock(token, wait=False) as free:
+        assert not free, "a live worker taken for dead"
+
+
 def test_a_journal_lock_left_held_by_a_signal_does_not_hang_its_own_process(tmp_path):
     """A signal between Optuna's acquire and release leaves the journal's write lock held;
     the same process's next write (recording its trial as interrupted) must still go on."""
