@@ -247,7 +247,7 @@ def where(storage):
     """The storage for messages and for telling studies apart, without a password."""
     if "://" not in storage:
         return os.path.abspath(storage)
-    return re.sub(r"(://[^/:@]*):[^/@]*@", r"\1:***@", storage)
+    return re.sub(r"(://[^/:@]*):[^@]*@", r"\1:***@", storage)  # as SQLAlchemy reads it
 
 
 # --- storages: locks and worker tokens --------------------------------------------------------

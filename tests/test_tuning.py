@@ -185,6 +185,16 @@ def test_only_a_journal_file_or_postgresql_is_accepted(tmp_path, data_dir, stora
     assert (set(os.listdir(tmp_path)), set(os.listdir("/dev"))) == before  # no .claim, .lock
 
 
+@pytest.mark.parametrize("password", ["secret", "se/cret", "s:e/c?r#et"])
+def test_a_storage_password_is_never_shown(password):
+    """where() names the storage in messages and trials.json; SQLAlchemy takes a password up
+    to the first '@', also one with '/' in it."""
+    import sqlalchemy
+    url = f"postgresql+psycopg2://user:{password}@host:5432/db"
+    assert sqlalchemy.engine.make_url(url).password == password
+    assert ht.where(url) == "postgresql+psycopg2://user:***@host:5432/db"
+
+
 @pytest.mark.parametrize("content,message", [
     (b'{"lr": [0.01, 0.05], "activation": "r\xe9lu"}', "is not UTF-8 text"),
     (b'{"lr": ' + b"[" * 100000 + b"]" * 100000 + b"}", "is nested too deeply"),
