@@ -455,7 +455,7 @@ class Worker:
                     study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
             trials = study.get_trials(deepcopy=False)
             taken = {_key(trial_params(t)) for t in trials if not interrupted(t)}
-            for t in trials:
+            for t in reversed(trials):  # a point cut twice: its latest trial is rerun
                 params = trial_params(t)
                 whole = set(params) == set(plan["space"])  # not cut while they were drawn
                 if interrupted(t) and whole and _key(params) not in taken:

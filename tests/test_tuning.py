@@ -550,6 +550,23 @@ def test_a_torn_last_line_of_the_journal_is_moved_aside(tmp_path, data_dir, caps
     assert trials[0].value == done[0]  # the finished trial is kept
 
 
+def test_a_point_cut_again_and_again_reruns_its_latest_trial_in_its_first_folder(tmp_path):
+    """Each rerun of a point that keeps being cut continues the trial cut last (retry_of),
+    always in the folder of the first."""
+    plan = ht.make_plan(ht.build_parser().parse_args(
+        ["--space", "lr=0.05", "--out-dir", str(tmp_path / "out")]))
+    worker = ht.Worker(plan)
+    try:
+        for number in range(4):
+            trial = worker.claim()
+            assert trial.number == number and trial.params == {"lr": 0.05}
+            assert trial.user_attrs.get("retry_of") == (number - 1 if number else None)
+            assert trial.user_attrs.get("folder", 0) == 0
+            worker.study.tell(trial, state=optuna.trial.TrialState.FAIL)  # cut: no reason
+    finally:
+        worker.close()
+
+
 def test_a_journal_named_through_a_symlink_shares_its_claim_lock_and_tokens(tmp_path):
     """Two searches naming one journal, one through a symbolic link, must exclude each other
     and see each other's workers alive: else each takes every grid point and fails the
