@@ -611,8 +611,9 @@ def run_workers(plan):
                 p.join()
         raise
     problems = [f"worker {i} " + (f"was killed by {signal.Signals(-p.exitcode).name}"
-                                  if p.exitcode < 0 else "stopped on the error above")
-                for i, p in enumerate(processes) if p.exitcode not in (0, 130)]
+                                  if p.exitcode < 0 else "was stopped by a signal"
+                                  if p.exitcode == 130 else "stopped on the error above")
+                for i, p in enumerate(processes) if p.exitcode]  # 130: not the parent's signal
     if problems:
         raise cli.Error(f"{'; '.join(problems)}; its trial will run again: rerun the command "
                         "to finish the search")

@@ -759,6 +759,26 @@ def test_a_killed_worker_is_named_by_the_parent(tmp_path, data_dir):
     assert_grid_once(load_trials(str(journal)), ["epochs=60,2,3"])
 
 
+def test_a_worker_stopped_by_a_signal_of_its_own_is_named_by_the_parent(tmp_path, data_dir):
+    """SIGTERM to one worker alone (the other done) cuts its trial: the parent must not end
+    with status 0 as if the grid were done."""
+    out, journal = tmp_path / "out", tmp_path / "out" / "study.journal"
+    args = ["--space", "epochs=1000,2", "--hidden-size", "8", "--workers", "2"]
+    parent = start(out, data_dir, *args, log=tmp_path / "log")
+    try:
+        wait_for(lambda: [t for t in trials_now(journal) if t.state.is_finished()]
+                 and running_trials(journal), "the short trial done, the long one running")
+        done = [t for t in trials_now(journal) if t.state.is_finished()][0]
+        wait_for(lambda: not alive(done.user_attrs["worker"]["pid"]), "its worker to end")
+        os.kill(running_trials(journal)[0].user_attrs["worker"]["pid"], signal.SIGTERM)
+        assert parent.wait(timeout=120) == 1, (tmp_path / "log").read_text()
+    finally:
+        os.killpg(parent.pid, signal.SIGKILL)
+    printed = (tmp_path / "log").read_text()
+    assert "was stopped by a signal; its trial will run again: rerun the command" in printed
+    assert [ht.interrupted(t) for t in load_trials(str(journal))] == [True, False]
+
+
 # --- optuna-dashboard -----------------------------------------------------------------------
 
 CHROMIUM = "/usr/bin/chromium"
