@@ -857,6 +857,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     catch_interrupts()
+    import utils  # noqa: F401  matplotlib before any trial: a signal in its import broke it
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
         plan = make_plan(args)

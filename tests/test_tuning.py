@@ -567,6 +567,34 @@ def test_a_point_cut_again_and_again_reruns_its_latest_trial_in_its_first_folder
         worker.close()
 
 
+def test_matplotlib_is_loaded_before_a_trial_can_be_cut_in_its_import(tmp_path, data_dir):
+    """A signal at a trial's end landed in train's first import of matplotlib, half-loading
+    it: the report after the signal then failed (KeyError 'PolyCollection:kwdoc', exit 1). Here
+    that import is interrupted on purpose whenever it happens once a trial has begun."""
+    script = f"""
+import sys
+sys.path.insert(0, {os.path.dirname(SCRIPT)!r})
+import cli, hyperparam_tuning as ht
+training = []
+def trace(frame, event, arg):  # Ctrl-C deep inside matplotlib.collections' first import
+    where = frame.f_globals.get("__name__"), frame.f_code.co_name  # once a trial has begun
+    training.extend([True] if where == ("train", "train") else [])
+    if training and where == ("matplotlib.collections", "<module>"):
+        return line
+def line(frame, event, arg):
+    if frame.f_lineno > 1500:
+        sys.settrace(None)
+        raise KeyboardInterrupt
+    return line
+sys.settrace(trace)
+cli.run(ht.main, {command(tmp_path / "out", data_dir, "--space", "lr=0.05")[2:]!r})
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=environment(), timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "out" / ht.FILES["history"]).exists()
+
+
 def test_a_journal_named_through_a_symlink_shares_its_claim_lock_and_tokens(tmp_path):
     """Two searches naming one journal, one through a symbolic link, must exclude each other
     and see each other's workers alive: else each takes every grid point and fails the
