@@ -247,7 +247,7 @@ def where(storage):
     """The storage for messages and for telling studies apart, without a password."""
     if "://" not in storage:
         return os.path.abspath(storage)
-    return re.sub(r"(://[^/:@]*):[^/@]*@", r"\1:***@", storage)
+    return re.sub(r"(://[^/:@]*):[^@]*@", r"\1:***@", storage)  # as SQLAlchemy reads it
 
 
 # --- storages: locks and worker tokens --------------------------------------------------------
@@ -259,6 +259,7 @@ class JournalStore:
     first moves an unfinished last line (left by a full disk or a power cut) to <journal>.torn."""
 
     def __init__(self, path):
+        path = os.path.realpath(path)  # through a link, the same .claim and .workers/
         os.makedirs(path + ".workers", exist_ok=True)
         # One open file for every append's flock: a lock that a signal left held (between
         # acquire and release) is taken again at once, not waited for by its own process.
@@ -454,7 +455,7 @@ class Worker:
                     study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
             trials = study.get_trials(deepcopy=False)
             taken = {_key(trial_params(t)) for t in trials if not interrupted(t)}
-            for t in trials:
+            for t in reversed(trials):  # a point cut twice: its latest trial is rerun
                 params = trial_params(t)
                 whole = set(params) == set(plan["space"])  # not cut while they were drawn
                 if interrupted(t) and whole and _key(params) not in taken:
@@ -610,8 +611,9 @@ def run_workers(plan):
                 p.join()
         raise
     problems = [f"worker {i} " + (f"was killed by {signal.Signals(-p.exitcode).name}"
-                                  if p.exitcode < 0 else "stopped on the error above")
-                for i, p in enumerate(processes) if p.exitcode not in (0, 130)]
+                                  if p.exitcode < 0 else "was stopped by a signal"
+                                  if p.exitcode == 130 else "stopped on the error above")
+                for i, p in enumerate(processes) if p.exitcode]  # 130: not the parent's signal
     if problems:
         raise cli.Error(f"{'; '.join(problems)}; its trial will run again: rerun the command "
                         "to finish the search")
@@ -855,6 +857,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     catch_interrupts()
+    import utils  # noqa: F401  matplotlib before any trial: a signal in its import broke it
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
         plan = make_plan(args)

@@ -185,6 +185,16 @@ def test_only_a_journal_file_or_postgresql_is_accepted(tmp_path, data_dir, stora
     assert (set(os.listdir(tmp_path)), set(os.listdir("/dev"))) == before  # no .claim, .lock
 
 
+@pytest.mark.parametrize("password", ["secret", "se/cret", "s:e/c?r#et"])
+def test_a_storage_password_is_never_shown(password):
+    """where() names the storage in messages and trials.json; SQLAlchemy takes a password up
+    to the first '@', also one with '/' in it."""
+    import sqlalchemy
+    url = f"postgresql+psycopg2://user:{password}@host:5432/db"
+    assert sqlalchemy.engine.make_url(url).password == password
+    assert ht.where(url) == "postgresql+psycopg2://user:***@host:5432/db"
+
+
 @pytest.mark.parametrize("content,message", [
     (b'{"lr": [0.01, 0.05], "activation": "r\xe9lu"}', "is not UTF-8 text"),
     (b'{"lr": ' + b"[" * 100000 + b"]" * 100000 + b"}", "is nested too deeply"),
@@ -540,6 +550,65 @@ def test_a_torn_last_line_of_the_journal_is_moved_aside(tmp_path, data_dir, caps
     assert trials[0].value == done[0]  # the finished trial is kept
 
 
+def test_a_point_cut_again_and_again_reruns_its_latest_trial_in_its_first_folder(tmp_path):
+    """Each rerun of a point that keeps being cut continues the trial cut last (retry_of),
+    always in the folder of the first."""
+    plan = ht.make_plan(ht.build_parser().parse_args(
+        ["--space", "lr=0.05", "--out-dir", str(tmp_path / "out")]))
+    worker = ht.Worker(plan)
+    try:
+        for number in range(4):
+            trial = worker.claim()
+            assert trial.number == number and trial.params == {"lr": 0.05}
+            assert trial.user_attrs.get("retry_of") == (number - 1 if number else None)
+            assert trial.user_attrs.get("folder", 0) == 0
+            worker.study.tell(trial, state=optuna.trial.TrialState.FAIL)  # cut: no reason
+    finally:
+        worker.close()
+
+
+def test_matplotlib_is_loaded_before_a_trial_can_be_cut_in_its_import(tmp_path, data_dir):
+    """A signal at a trial's end landed in train's first import of matplotlib, half-loading
+    it: the report after the signal then failed (KeyError 'PolyCollection:kwdoc', exit 1). Here
+    that import is interrupted on purpose whenever it happens once a trial has begun."""
+    script = f"""
+import sys
+sys.path.insert(0, {os.path.dirname(SCRIPT)!r})
+import cli, hyperparam_tuning as ht
+training = []
+def trace(frame, event, arg):  # Ctrl-C deep inside matplotlib.collections' first import
+    where = frame.f_globals.get("__name__"), frame.f_code.co_name  # once a trial has begun
+    training.extend([True] if where == ("train", "train") else [])
+    if training and where == ("matplotlib.collections", "<module>"):
+        return line
+def line(frame, event, arg):
+    if frame.f_lineno > 1500:
+        sys.settrace(None)
+        raise KeyboardInterrupt
+    return line
+sys.settrace(trace)
+cli.run(ht.main, {command(tmp_path / "out", data_dir, "--space", "lr=0.05")[2:]!r})
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=environment(), timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "out" / ht.FILES["history"]).exists()
+
+
+def test_a_journal_named_through_a_symlink_shares_its_claim_lock_and_tokens(tmp_path):
+    """Two searches naming one journal, one through a symbolic link, must exclude each other
+    and see each other's workers alive: else each takes every grid point and fails the
+    other's running trials as dead, over and over."""
+    journal, link = tmp_path / "study.journal", tmp_path / "link.journal"
+    real = ht.JournalStore(str(journal))
+    link.symlink_to(journal)
+    linked, token = ht.JournalStore(str(link)), uuid.uuid4().hex
+    with real.lock(ht.CLAIM), linked.lock(ht.CLAIM, wait=False) as free:
+        assert not free, "the claim lock taken twice at once"
+    with real.lock(token), linked.lock(token, wait=False) as free:
+        assert not free, "a live worker taken for dead"
+
+
 def test_a_journal_lock_left_held_by_a_signal_does_not_hang_its_own_process(tmp_path):
     """A signal between Optuna's acquire and release leaves the journal's write lock held;
     the same process's next write (recording its trial as interrupted) must still go on."""
@@ -716,6 +785,26 @@ def test_a_killed_worker_is_named_by_the_parent(tmp_path, data_dir):
     assert "was killed by SIGKILL; its trial will run again: rerun the command" in printed
     run(out, data_dir, *args)
     assert_grid_once(load_trials(str(journal)), ["epochs=60,2,3"])
+
+
+def test_a_worker_stopped_by_a_signal_of_its_own_is_named_by_the_parent(tmp_path, data_dir):
+    """SIGTERM to one worker alone (the other done) cuts its trial: the parent must not end
+    with status 0 as if the grid were done."""
+    out, journal = tmp_path / "out", tmp_path / "out" / "study.journal"
+    args = ["--space", "epochs=1000,2", "--hidden-size", "8", "--workers", "2"]
+    parent = start(out, data_dir, *args, log=tmp_path / "log")
+    try:
+        wait_for(lambda: [t for t in trials_now(journal) if t.state.is_finished()]
+                 and running_trials(journal), "the short trial done, the long one running")
+        done = [t for t in trials_now(journal) if t.state.is_finished()][0]
+        wait_for(lambda: not alive(done.user_attrs["worker"]["pid"]), "its worker to end")
+        os.kill(running_trials(journal)[0].user_attrs["worker"]["pid"], signal.SIGTERM)
+        assert parent.wait(timeout=120) == 1, (tmp_path / "log").read_text()
+    finally:
+        os.killpg(parent.pid, signal.SIGKILL)
+    printed = (tmp_path / "log").read_text()
+    assert "was stopped by a signal; its trial will run again: rerun the command" in printed
+    assert [ht.interrupted(t) for t in load_trials(str(journal))] == [True, False]
 
 
 # --- optuna-dashboard -----------------------------------------------------------------------
