@@ -264,7 +264,10 @@ class JournalStore:
         # One open file for every append's flock: a lock that a signal left held (between
         # acquire and release) is taken again at once, not waited for by its own process.
         self.path, self._journal = path, open(path, "ab")
-        with self.lock(CLAIM):
+        with self.lock(CLAIM):  # under which tokens are also made: none is swept half-made
+            for token in filter(TOKEN.fullmatch, os.listdir(path + ".workers")):
+                with self.lock(token, wait=False):  # a dead process's token file goes
+                    pass
             backend = optuna.storages.journal.JournalFileBackend(path, lock_obj=self)
             self.storage = optuna.storages.JournalStorage(backend)
 
@@ -422,8 +425,8 @@ class Worker:
         try:
             self.store = (PostgresStore(plan["storage"], plan["study_name"])
                           if "://" in plan["storage"] else JournalStore(plan["storage"]))
-            self._held.enter_context(self.store.lock(self.token))
             with self.store.lock(CLAIM):
+                self._held.enter_context(self.store.lock(self.token))
                 self.study = open_study(plan, self.store.storage)
         except cli.Error:
             raise

@@ -622,6 +622,19 @@ def test_a_journal_lock_left_held_by_a_signal_does_not_hang_its_own_process(tmp_
     store.release()
 
 
+def test_token_files_of_dead_workers_are_swept_and_live_ones_kept(tmp_path):
+    """A kill -9 leaves a worker's (empty, unlocked) token file behind; the next store opened
+    on the journal removes it, and never the token of a worker still alive."""
+    journal, workers = str(tmp_path / "study.journal"), tmp_path / "study.journal.workers"
+    store = ht.JournalStore(journal)
+    live, dead = uuid.uuid4().hex, uuid.uuid4().hex
+    with store.lock(live):
+        (workers / dead).touch()  # what a killed worker leaves
+        ht.JournalStore(journal)
+        assert sorted(p.name for p in workers.iterdir()) == [live]
+    assert not any(workers.iterdir())
+
+
 def test_a_full_disk_leaves_the_trial_to_run_again(tmp_path, data_dir, monkeypatch):
     """ENOSPC on curves.png (with a good checkpoint) is the machine's fault, not the trial's."""
     items, out = ["lr=0.05,0.02"], tmp_path / "out"
