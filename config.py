@@ -62,6 +62,7 @@ OPTIONS = {
     "save_dir": Option("results", "folder for best.npy, history.json and the plots"),
 }
 
+LOCAL_KEYS = ("data_dir", "save_dir")  # may differ between a run and its resumption, or machines
 DEFAULT_CONFIG = {key: option.default for key, option in OPTIONS.items()}
 HELP = {key: option.help for key, option in OPTIONS.items()}
 CHOICES = {key: option.choices for key, option in OPTIONS.items() if option.choices}

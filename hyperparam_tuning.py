@@ -8,193 +8,50 @@
 Each trial is one train.train() run in <out-dir>/trial_<n>/; the same command run again
 resumes the study. Results in <out-dir>: trials.json/.csv, best_result.json, best.npy, plots.
 
-How workers share a study (for maintainers)
-- Storage: a journal file or PostgreSQL only; other databases hand out queued trials
-  non-atomically. The journal's write lock moves a torn last line to <journal>.torn.
-- The claim lock (an flock on <journal>.claim, or an advisory lock on the study name) is
-  held while a worker retires dead trials, queues missing grid points, checks the budget,
-  asks for a trial and records itself in it: no grid point or budget slot is taken twice.
-- Liveness: each worker holds a token for life (an flock on <journal>.workers/<uuid>, or
-  an advisory lock), dropped by the kernel or server when it dies, on any host or PID
-  namespace. A RUNNING trial whose token can be taken (or has none) is failed as
-  interrupted and rerun in its own folder from its last epoch. A trial retired while its
-  worker still runs (a dropped database session) is reported at tell, not a crash.
-- Failures of the configuration (divergence, a bad value) are final; those of the machine
-  (an OSError while writing) or a signal leave the trial to rerun and stop the worker.
-- Seeds derive from (--sampler-seed, worker, trials in the study): resumes draw new points.
-- Signals (cli.stop_on_signals): the first SIGINT, SIGTERM or SIGHUP raises cli.Stopped
-  in the main thread, relayed there by a thread if it landed elsewhere; train.train checks
-  the flag every epoch in case CPython dropped the exception. The parent passes the signal
-  on to its workers, which also stop when the parent is gone.
-- Folders: the parent holds --out-dir; its trials.json names the one study it holds.
+How workers share the study (claim lock, tokens, liveness) is study_storage.py's.
 """
 import argparse
 import collections
 import contextlib
 import csv
-import fcntl
-import itertools
 import json
 import multiprocessing
 import os
 import re
 import signal
-import socket
 import sys
 import time
-import uuid
-import warnings
-import zlib
 
 import numpy as np
 import optuna
 from optuna.trial import TrialState
 
+import checkpoint
 import cli
 import config as cfg
 import data_loader
+import files
 import model
+import search_space
+import study_storage
 import train
+import utils
+from study_storage import where
 
 DEFAULT_PRESET = "fast"
 # Close to the report's grid (learning rate x hidden size x regularisation x activation x
 # decay), small enough for an afternoon; lr_decay joins when the schedule is `step`.
 DEFAULT_SPACE = ["lr=0.01,0.05", "hidden_size=256,512", "reg=1e-4,1e-3", "activation=relu,tanh"]
 DEFAULT_DECAYS = "lr_decay=0.9,0.95"
-LOCAL_KEYS = train.LOCAL_KEYS  # may differ between machines and runs; never searched
 TRAIN_OPTIONS = {k: v for k, v in cfg.DEFAULT_CONFIG.items() if k != "save_dir"}
 BLAS_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 MAX_WORKERS = 4 * CORES
-TOKEN = re.compile(r"[0-9a-f]{32}")  # a worker's token; CLAIM names the claim lock
-CLAIM = "claim"
 STATES = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed",
           TrialState.RUNNING: "running", TrialState.WAITING: "queued"}
 FILES = {"json": "trials.json", "csv": "trials.csv", "best": "best_result.json",
          "model": "best.npy", "history": "optimization_history.png",
          "importance": "param_importance.png"}  # and val_acc_<a>_<b>.png
-
-
-# --- search space -----------------------------------------------------------------------------
-# A space maps config keys to {"choices": [...]} or {"low", "high", "log", "int"}.
-# hidden_size choices are strings "AxB" (Optuna's categorical values must be scalars).
-# How a value is read, by the type of the option's default: (reader, what it should be).
-READ = {
-    bool: (lambda text: BOOLS[text.lower()], "true or false"),
-    list: (lambda text: "x".join(map(str, hidden_sizes(text))), "a size such as 512 or 512x256"),
-    int: (int, "int"), float: (float, "float"), str: (str, "str"),
-}
-BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-# The types a range may search, and its bounds' type (a hidden-size range sizes both layers).
-BOUNDS = {int: int, float: float, list: int}
-
-
-def parse_space(items):
-    """The search space of `key=v1,v2,...` (choices) and `key=lo:hi[:log]` (range) items."""
-    space = {}
-    for item in items:
-        name, sep, text = item.partition("=")
-        key = name.strip().replace("-", "_")
-        key = cfg.ALIASES.get(key, key)
-        if not sep or not text.strip():
-            raise cli.Error(f"--space takes KEY=VALUES items such as lr=0.01,0.05; got {item!r}")
-        if key not in cfg.DEFAULT_CONFIG or key in LOCAL_KEYS:
-            keys = ", ".join(k for k in cfg.DEFAULT_CONFIG if k not in LOCAL_KEYS)
-            raise cli.Error(f"cannot search {name!r}: not a training option; choose from {keys}")
-        if key in space:
-            raise cli.Error(f"--space names {key} twice")
-        space[key] = parse_param(key, text)
-    return space
-
-
-def load_space_file(path):
-    """The search space in a JSON file, read as --space items: {"lr": [0.01, 0.05], "reg":
-    {"low": 1e-4, "high": 1e-2, "log": true}, "hidden_size": [256, [512, 256]]}."""
-    try:
-        with cli.open_regular(path, max_bytes=1 << 20) as f:  # not a FIFO: it would hang
-            spec = json.loads(f.read().decode("utf-8"))
-    except OSError as exc:
-        raise cli.Error(f"cannot read --space-file {path}: {exc.strerror}") from None
-    except (ValueError, RecursionError) as exc:
-        why = ("is not UTF-8 text" if isinstance(exc, UnicodeDecodeError)
-               else "is nested too deeply" if isinstance(exc, RecursionError)
-               else f"is not valid JSON: {exc}")
-        raise cli.Error(f"--space-file {path} {why}") from None
-    if not isinstance(spec, dict):
-        raise cli.Error(f"--space-file {path} must hold a JSON object of key: values")
-    items = []
-    for name, value in spec.items():
-        if not isinstance(value, dict):
-            values = [("x".join(map(str, v)) if isinstance(v, list) else  # hidden sizes
-                       str(v).lower() if isinstance(v, bool) else str(v))
-                      for v in (value if isinstance(value, list) else [value])]
-            items.append(f"{name}={','.join(values)}")
-        elif set(value) <= {"low", "high", "log"} and {"low", "high"} <= set(value):
-            log = ":log" if value.get("log") else ""
-            items.append(f"{name}={value['low']}:{value['high']}{log}")
-        else:
-            raise cli.Error(f"--space-file {path}: {name} must be a list of values or "
-                            '{"low": .., "high": .., "log": true|false}')
-    return parse_space(items)
-
-
-def parse_param(key, text):
-    """One parameter: a list of choices, or a `lo:hi[:log]` range, typed like the default."""
-    kind, parts = type(cfg.DEFAULT_CONFIG[key]), [p.strip() for p in text.split(":")]
-    if len(parts) == 1:
-        read, expected = READ[kind]
-        values = []
-        for value in (v.strip() for v in text.split(",")):
-            try:
-                values.append(read(value))
-            except (KeyError, ValueError):
-                raise cli.Error(f"--space {key}: cannot read {value!r} as {expected}") from None
-        if len(set(values)) < len(values):
-            raise cli.Error(f"--space {key} repeats a value: {text}")
-        return {"choices": values}
-    log = parts[-1].lower() == "log"
-    parts = parts[:-1] if log else parts
-    if len(parts) != 2 or kind not in BOUNDS:
-        raise cli.Error(f"--space {key}={text}: a range is lo:hi or lo:hi:log, and only for "
-                        "numbers")
-    try:
-        low, high = map(BOUNDS[kind], parts)
-    except ValueError:
-        raise cli.Error(f"--space {key}={text}: bounds must be "
-                        f"{'integers' if BOUNDS[kind] is int else 'numbers'}") from None
-    if not low < high or (log and low <= 0):
-        raise cli.Error(f"--space {key}={text}: need lo < hi" + (" and lo > 0 for log" if log
-                                                                  else ""))
-    return {"low": low, "high": high, "log": log, "int": BOUNDS[kind] is int}
-
-
-def hidden_sizes(value):
-    """Both hidden sizes, from 512 (for both), "512" or "512x256"."""
-    sizes = [int(h) for h in str(value).lower().split("x")]
-    if len(sizes) not in (1, 2):
-        raise ValueError(f"not one or two sizes: {value}")
-    return sizes * (3 - len(sizes))
-
-
-def config_values(params):
-    """Trial parameters as config overrides (hidden sizes back to a list of two ints)."""
-    if "hidden_size" not in params:
-        return dict(params)
-    return {**params, "hidden_size": hidden_sizes(params["hidden_size"])}
-
-
-def grid(space):
-    """Every combination of a space of choices, in the order given."""
-    return [dict(zip(space, values))
-            for values in itertools.product(*(p["choices"] for p in space.values()))]
-
-
-def distributions(space):
-    """The space as Optuna's distributions (a queued trial gets its queued values)."""
-    dist = optuna.distributions
-    return {key: dist.CategoricalDistribution(p["choices"]) if "choices" in p else
-            (dist.IntDistribution if p["int"] else dist.FloatDistribution)(
-                p["low"], p["high"], log=p["log"]) for key, p in space.items()}
 
 
 # --- the plan: everything a worker needs, checked before any work starts ---------------------
@@ -204,11 +61,11 @@ def make_plan(args):
     """Check the command line and return the search as a plain (picklable) dict."""
     fixed = cli.overrides(args, TRAIN_OPTIONS)
     base = cfg.make_config(args.preset, **fixed)
-    space = load_space_file(args.space_file) if args.space_file else {}
-    space.update(parse_space(args.space or []))
+    space = search_space.load_space_file(args.space_file) if args.space_file else {}
+    space.update(search_space.parse_space(args.space or []))
     if not space:
         default = DEFAULT_SPACE + ([DEFAULT_DECAYS] if base["lr_schedule"] == "step" else [])
-        space = {k: p for k, p in parse_space(default).items() if k not in fixed}
+        space = {k: p for k, p in search_space.parse_space(default).items() if k not in fixed}
     both = sorted(set(space) & set(fixed))
     if both:
         raise cli.Error(f"--{both[0].replace('_', '-')} is fixed and also searched in --space; "
@@ -222,7 +79,7 @@ def make_plan(args):
     for key, p in space.items():  # each choice and both ends of each range make a valid config
         for value in p.get("choices", [p.get("low"), p.get("high")]):
             try:
-                config = cfg.make_config(args.preset, **fixed, **config_values({key: value}))
+                config = cfg.make_config(args.preset, **fixed, **search_space.config_values({key: value}))
                 model.get_activation(config["activation"])
             except cli.Error as exc:
                 raise cli.Error(f"--space {key}={value}: {exc}") from None
@@ -241,97 +98,6 @@ def make_plan(args):
             "fixed": fixed, "base": base, "n_trials": n_trials,
             "deadline": time.time() + args.timeout if args.timeout else None,
             "data_dir": base["data_dir"], "parent_pid": None}
-
-
-def where(storage):
-    """The storage for messages and for telling studies apart, without a password."""
-    if "://" not in storage:
-        return os.path.abspath(storage)
-    return re.sub(r"(://[^/:@]*):[^@]*@", r"\1:***@", storage)  # as SQLAlchemy reads it
-
-
-# --- storages: locks and worker tokens --------------------------------------------------------
-
-
-class JournalStore:
-    """A study in a journal file. Its locks are flocks on <journal>.claim and on one file per
-    worker token in <journal>.workers/. It is also the journal's write lock for Optuna, which
-    first moves an unfinished last line (left by a full disk or a power cut) to <journal>.torn."""
-
-    def __init__(self, path):
-        path = os.path.realpath(path)  # through a link, the same .claim and .workers/
-        os.makedirs(path + ".workers", exist_ok=True)
-        # One open file for every append's flock: a lock that a signal left held (between
-        # acquire and release) is taken again at once, not waited for by its own process.
-        self.path, self._journal = path, open(path, "ab")
-        with self.lock(CLAIM):  # under which tokens are also made: none is swept half-made
-            for token in filter(TOKEN.fullmatch, os.listdir(path + ".workers")):
-                with self.lock(token, wait=False):  # a dead process's token file goes
-                    pass
-            backend = optuna.storages.journal.JournalFileBackend(path, lock_obj=self)
-            self.storage = optuna.storages.JournalStorage(backend)
-
-    @contextlib.contextmanager
-    def lock(self, name, wait=True):
-        """Hold the lock `name`; yields whether it was free (always so when `wait`ing). A
-        token's file goes with its lock (removed while still held): none is left behind."""
-        path = self.path + ".claim" if name == CLAIM else os.path.join(self.path + ".workers", name)
-        held = cli.flocked(path, wait)
-        try:
-            yield held is not None
-        finally:
-            if held and name != CLAIM:
-                with contextlib.suppress(OSError):
-                    os.remove(path)
-            if held:
-                held.close()
-
-    def acquire(self):
-        fcntl.flock(self._journal, fcntl.LOCK_EX)  # Optuna's own lock is a symlink: no clash
-        with open(self.path, "rb+") as f:
-            size = f.seek(0, os.SEEK_END)
-            f.seek(max(0, size - 1))
-            if size == 0 or f.read(1) == b"\n":
-                return True
-            f.seek(max(0, size - (1 << 20)))  # a journal line is far shorter than 1 MiB
-            tail = f.read()
-            tail = tail[tail.rfind(b"\n") + 1:]
-            with open(self.path + ".torn", "ab") as aside:
-                aside.write(tail + b"\n")
-                os.fsync(aside.fileno())
-            f.truncate(size - len(tail))
-            os.fsync(f.fileno())
-        print(f"note: {self.path} ended in an unfinished line ({len(tail)} bytes, left by a full "
-              f"disk or a power cut); moved it to {self.path}.torn", file=sys.stderr, flush=True)
-        return True
-
-    def release(self):
-        fcntl.flock(self._journal, fcntl.LOCK_UN)
-
-
-class PostgresStore:
-    """A study in PostgreSQL; its locks are advisory locks, each in a session of its own,
-    which the server drops when the session ends (it probes an idle peer's TCP link)."""
-
-    def __init__(self, url, study_name):
-        import sqlalchemy
-        self._engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
-        self._sql, self._study = sqlalchemy.text, study_name
-        with self.lock(CLAIM):  # machines starting together must not all create the tables
-            self.storage = optuna.storages.RDBStorage(url)
-
-    @contextlib.contextmanager
-    def lock(self, name, wait=True):
-        """Hold the lock `name`; yields whether it was free (always so when `wait`ing)."""
-        key = (zlib.crc32(f"hyperparam_tuning:{self._study}".encode()) if name == CLAIM
-               else int(name[:16], 16) - (1 << 63))  # a token: a signed 64-bit key
-        with self._engine.connect() as session:  # closing the session drops the lock
-            session.execute(self._sql("SET tcp_keepalives_idle = 30; SET "
-                                      "tcp_keepalives_interval = 10; SET tcp_keepalives_count = 3"))
-            take = "pg_advisory_lock" if wait else "pg_try_advisory_lock"
-            free = session.execute(self._sql(f"SELECT {take}(:k)"), {"k": key}).scalar()
-            session.commit()  # the lock is the session's: no transaction stays open
-            yield wait or free
 
 
 def make_sampler(plan, worker, n_trials):
@@ -355,7 +121,7 @@ def open_study(plan, storage):
               }[plan["pruner"]]
     study = optuna.create_study(storage=storage, study_name=plan["study_name"],
                                 direction="maximize", load_if_exists=True, pruner=pruner)
-    base = {k: v for k, v in plan["base"].items() if k not in LOCAL_KEYS}
+    base = {k: v for k, v in plan["base"].items() if k not in cfg.LOCAL_KEYS}
     signature = json.loads(json.dumps({"sampler": plan["sampler"], "space": plan["space"],
                                        "config": base}))  # as stored: lists, not tuples
     stored = study.user_attrs.get("search")
@@ -416,46 +182,25 @@ def to_run(plan, trials):
 
 
 class Worker:
-    """One process's share of the search: its store, its token (held for its life), the
-    study and the data."""
+    """One process's share of the search: its seat in the shared study, and the data."""
 
     def __init__(self, plan, index=0, data=None):
         self.plan, self.index, self.data = plan, index, data
-        self.token, self._held = uuid.uuid4().hex, contextlib.ExitStack()  # its lock
-        try:
-            self.store = (PostgresStore(plan["storage"], plan["study_name"])
-                          if "://" in plan["storage"] else JournalStore(plan["storage"]))
-            with self.store.lock(CLAIM):
-                self._held.enter_context(self.store.lock(self.token))
-                self.study = open_study(plan, self.store.storage)
-        except cli.Error:
-            raise
-        except Exception as exc:  # a bad URL, no driver, no server
-            raise cli.Error(f"cannot open --storage {where(plan['storage'])}: "
-                            f"{cli.one_line(exc) or type(exc).__name__}") from None
+        self.shared = study_storage.SharedStudy(plan["storage"], plan["study_name"],
+                                                lambda storage: open_study(plan, storage))
+        self.study = self.shared.study
 
     def close(self):
-        self._held.close()
-
-    def is_dead(self, trial):
-        """Whether a running trial's worker is gone: its token is free, or it has none (it
-        died between taking the trial and recording itself in it, both under the claim lock)."""
-        token = str(trial.user_attrs.get("worker", {}).get("token"))
-        if not TOKEN.fullmatch(token):  # also never a path out of <journal>.workers/
-            return True
-        with self.store.lock(token, wait=False) as free:
-            return free
+        self.shared.close()
 
     @contextlib.contextmanager
     def claimed(self):
-        """Hold the claim lock and bring the study up to date: fail the trials of dead workers,
-        then queue a rerun (in its folder) of each interrupted trial whose point no other trial
-        holds, and the grid points not taken. Yields whether work is left, and the trials."""
+        """Hold the claim lock and bring the study up to date: with the trials of dead workers
+        failed, queue a rerun (in its folder) of each interrupted trial whose point no other
+        trial holds, and the grid points not taken. Yields whether work is left, and the
+        trials."""
         study, plan = self.study, self.plan
-        with self.store.lock(CLAIM):
-            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-                if self.is_dead(t):
-                    study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+        with self.shared.claim_lock():
             trials = study.get_trials(deepcopy=False)
             taken = {_key(trial_params(t)) for t in trials if not interrupted(t)}
             for t in reversed(trials):  # a point cut twice: its latest trial is rerun
@@ -466,7 +211,7 @@ class Worker:
                         "retry_of": t.number, "folder": t.user_attrs.get("folder", t.number)})
                     taken.add(_key(params))
             if plan["sampler"] == "grid":
-                for point in grid(plan["space"]):
+                for point in search_space.grid(plan["space"]):
                     if _key(point) not in taken:
                         study.enqueue_trial(point)
             trials = study.get_trials(deepcopy=False)
@@ -486,9 +231,8 @@ class Worker:
             if not has_work:
                 return None
             self.study.sampler = make_sampler(self.plan, self.index, len(trials))
-            trial = self.study.ask(distributions(self.plan["space"]))
-            trial.set_user_attr("worker", {"token": self.token, "host": socket.gethostname(),
-                                           "pid": os.getpid()})
+            trial = self.study.ask(search_space.distributions(self.plan["space"]))
+            self.shared.sign(trial)
             return trial
 
     def run(self):
@@ -513,7 +257,7 @@ class Worker:
 
         try:
             save_dir = trial_folder(plan, trial)
-            params = config_values(trial.params)
+            params = search_space.config_values(trial.params)
             config = cfg.make_config(plan["preset"], **plan["fixed"], **params, save_dir=save_dir)
             trial.set_user_attr("config", config)
             resume = os.path.exists(os.path.join(save_dir, train.STATE_FILE))
@@ -643,11 +387,11 @@ def write_tables(study, plan):
                      "folder": trial_folder(plan, t), "host": a.get("worker", {}).get("host"),
                      "started": when(t.datetime_start), "finished": when(t.datetime_complete),
                      "retry_of": a.get("retry_of"), "config": a.get("config")})
-    cli.write_json(os.path.join(plan["out_dir"], FILES["json"]),
+    files.write_json(os.path.join(plan["out_dir"], FILES["json"]),
                    {"study": plan["study_name"], "storage": where(plan["storage"]),
                     "sampler": plan["sampler"], "space": plan["space"], "trials": rows})
     columns = [*COLUMNS[:8], *plan["space"], *COLUMNS[8:]]
-    with cli.atomic_write(os.path.join(plan["out_dir"], FILES["csv"]), "w") as f:
+    with files.atomic_write(os.path.join(plan["out_dir"], FILES["csv"]), "w") as f:
         writer = csv.DictWriter(f, columns, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
         writer.writerows({**row, **row["params"]} for row in rows)
@@ -675,8 +419,8 @@ def write_best(best, plan):
     source = os.path.join(trial_folder(plan, best), "best.npy")
     target = os.path.join(plan["out_dir"], FILES["model"])
     try:
-        model.load_checkpoint(source)
-        with open(source, "rb") as src, cli.atomic_write(target) as dst:
+        checkpoint.load_checkpoint(source)
+        with open(source, "rb") as src, files.atomic_write(target) as dst:
             dst.write(src.read())
     except (OSError, cli.Error) as exc:
         print(f"note: no {FILES['model']} here: {cli.one_line(exc)} (another machine may "
@@ -691,7 +435,7 @@ def write_best(best, plan):
         "trial_checkpoint": source, "study": plan["study_name"], "sampler": plan["sampler"],
         "config": config,
     }
-    cli.write_json(os.path.join(plan["out_dir"], FILES["best"]), result)
+    files.write_json(os.path.join(plan["out_dir"], FILES["best"]), result)
     return result
 
 
@@ -707,59 +451,13 @@ def summary(study):
     return ", ".join(f"{n[w]} {w}" for w in words if n[w] or w in words[:3])
 
 
-def draw_plots(study, plan):
-    """optimization_history.png (trials numbered as integers), param_importance.png by
-    PED-ANOVA (named here: Optuna 4's default, fANOVA, needs scikit-learn), and validation
-    accuracy against the two most important searched parameters that varied, in
-    val_acc_<a>_<b>.png (older such plots removed). Optuna's style stays in an rc_context.
-    Returns the name of that last plot and why there are no importances."""
-    import matplotlib
-    matplotlib.use("agg")
-    import matplotlib.pyplot as plt
-    import optuna.visualization.matplotlib as plots
-    from matplotlib.ticker import MaxNLocator
-    import utils
-
-    def save(axes, name):  # Axes, or an array of them
-        figure = np.ravel(axes)[0].figure
-        try:
-            utils.save_figure(figure, os.path.join(plan["out_dir"], name))
-        finally:
-            plt.close(figure)
-
-    target, evaluator = "validation accuracy", optuna.importance.PedAnovaImportanceEvaluator()
-    with matplotlib.rc_context(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Optuna's matplotlib plots are "experimental"
-        history = plots.plot_optimization_history(study, target_name=target)
-        history.xaxis.set_major_locator(MaxNLocator(integer=True))
-        save(history, FILES["history"])
-        try:
-            importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
-            why_not = None if importances else "no parameter varies among the complete trials"
-        except Exception as exc:  # too few complete trials
-            importances, why_not = {}, f"{type(exc).__name__}: {exc}"
-        if importances:
-            save(plots.plot_param_importances(study, evaluator=evaluator, target_name=target),
-                 FILES["importance"])
-        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        varied = [k for k in plan["space"] if len({str(t.params.get(k)) for t in complete}) > 1]
-        names = sorted(varied, key=lambda k: -importances.get(k, 0))[:2]
-        pair = f"val_acc_{'_'.join(names)}.png" if names else None
-        for old in os.listdir(plan["out_dir"]):
-            if re.fullmatch(r"val_acc_.*\.png", old) and old != pair:
-                os.remove(os.path.join(plan["out_dir"], old))
-        if names:
-            save(plots.plot_slice(study, params=names, target_name=target), pair)
-    return pair, why_not
-
-
 def report(study, plan):
     """Write every output file, then print the top-k table and where things are."""
     write_tables(study, plan)
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     ranked = sorted(complete, key=lambda t: (-t.value, t.number))  # of equals, the earlier
     best = write_best(ranked[0], plan) if ranked else None
-    pair, why_not = draw_plots(study, plan)
+    pair, why_not = utils.plot_search(study, plan["out_dir"], plan["space"], FILES)
     print(f"\nStudy {plan['study_name']!r}: {summary(study)}")
     if best is None:
         print("No trial has completed yet.")
@@ -787,7 +485,7 @@ def status_line(study, plan):
     """What the study holds and what this run will do, in one line."""
     trials, workers = study.get_trials(deepcopy=False), plan["workers"]
     finished = counted([t for t in trials if t.state.is_finished()])
-    what = (f"a grid of {len(grid(plan['space']))} combinations" if plan["sampler"] == "grid"
+    what = (f"a grid of {len(search_space.grid(plan['space']))} combinations" if plan["sampler"] == "grid"
             else f"a {plan['sampler']} search")
     todo = to_run(plan, trials)
     threads = f" with {blas_threads(workers)} BLAS thread(s) each" if workers > 1 else ""
@@ -860,7 +558,6 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     catch_interrupts()
-    import utils  # noqa: F401  matplotlib before any trial: a signal in its import broke it
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
         plan = make_plan(args)
@@ -870,7 +567,7 @@ def main(argv=None):
     largest = {key: max(p["choices"]) if "choices" in p else int(p["high"])
                for key, p in plan["space"].items() if key in ("val_size", "batch_size")}
     train.check_fits({**plan["base"], **largest}, len(data[0]))  # the data can fill them
-    with cli.folder_lock(plan["out_dir"], "--out-dir"):
+    with files.folder_lock(plan["out_dir"], "--out-dir"):
         check_out_dir(plan)
         worker = Worker(plan, data=data if plan["workers"] == 1 else None)
         del data

@@ -2,18 +2,14 @@
 
 Layers follow the CS231n pattern: a forward returns (out, cache) and its backward
 takes (dout, cache). Activations live in one registry, so adding one is one entry.
+The network knows arrays only: where images come from and how they are preprocessed is
+data_loader.py's, how they are scored inference.py's, how they are saved checkpoint.py's.
 """
-import json
-import math
-import warnings
-import zipfile
 from collections import namedtuple
 
 import numpy as np
 
-import cli
-import data_loader
-from cli import Error, atomic_write
+from cli import Error
 
 PARAM_NAMES = ("w1", "b1", "w2", "b2", "w3", "b3")
 
@@ -235,230 +231,18 @@ class ThreeLayerNN:
             grads[name] += reg_lambda * getattr(self, name)
         return grads
 
+    def log_probabilities(self, x, batch_size=2000):
+        """Log-probabilities (N, C) of many inputs x (N, D), a batch at a time so that memory
+        stays small."""
+        out = np.empty((len(x), self.output_size), self.dtype)
+        for start in range(0, len(x), batch_size):
+            chunk = np.asarray(x[start:start + batch_size], dtype=self.dtype)
+            out[start:start + len(chunk)] = self.forward_pass(chunk)[0]
+        return out
+
     def predict(self, x):
         """Predicted class indices of inputs x (N, D)."""
-        return log_probabilities(self, x).argmax(axis=1)
+        return self.log_probabilities(x).argmax(axis=1)
 
     def accuracy(self, x, y):
         return float(np.mean(self.predict(x) == y))
-
-
-def log_probabilities(net, images, prep=None, flip_average=False, batch_size=2000):
-    """Log-probabilities (N, C) of many inputs, a batch at a time so that memory stays small.
-
-    uint8 images go through `prep` (a data_loader.Preprocessing) first, float inputs are used
-    as given. With `flip_average` each image's probabilities are averaged with its mirror's.
-    """
-    def inputs(chunk):
-        return chunk.astype(net.dtype) if prep is None else \
-            data_loader.preprocess(chunk, prep, net.dtype)
-
-    out = np.empty((len(images), net.output_size), net.dtype)
-    for start in range(0, len(images), batch_size):
-        chunk = images[start:start + batch_size]
-        log_probs = net.forward_pass(inputs(chunk))[0]
-        if flip_average:
-            mirrored = net.forward_pass(inputs(data_loader.flip(chunk)))[0]
-            log_probs = np.logaddexp(log_probs, mirrored) - np.log(2, dtype=net.dtype)
-        out[start:start + len(chunk)] = log_probs
-    return out
-
-
-# --- checkpoints: an .npz archive (any file name), loadable without pickle -------------------
-
-
-class CheckpointError(Error):
-    """A checkpoint that is missing, corrupt, or not one of ours; the message is escaped for
-    the terminal, as the paths and names it quotes may not be."""
-
-    def __init__(self, message):
-        super().__init__(cli.shown(message))
-
-
-def save_checkpoint(path, net, mean, std, class_names, config, arrays=None, **extra):
-    """Write weights, normalisation, class names and config to `path`, atomically.
-
-    `arrays` are further named arrays (a resume state's velocities), `extra` further JSON.
-    """
-    meta = {"activation": net.activation, "hidden_size": list(net.hidden_size),
-            "class_names": list(class_names), "config": config, **extra}
-    arrays = {**net.params, **(arrays or {}), "mean": np.asarray(mean, np.float32),
-              "std": np.asarray(std, np.float32), "meta": np.array(json.dumps(meta))}
-    with atomic_write(path) as f:
-        np.savez(f, **arrays)
-
-
-def load_checkpoint(path, extra_arrays=None):
-    """Load (net, meta) from `path`; meta holds mean, std, class_names, config and extras.
-
-    `extra_arrays` maps the names of further arrays to their shapes; they must be there,
-    finite and of the weights' dtype, and are returned in meta.
-    """
-    try:
-        # The extra arrays have the weights' float type: 8 bytes an element at most.
-        members = {**CHECKPOINT_MEMBERS, **{name: Member("f", 8 * math.prod(shape))
-                                            for name, shape in (extra_arrays or {}).items()}}
-        arrays = read_archive(path, members, "checkpoint", CheckpointError)
-    except FileNotFoundError:
-        raise CheckpointError(f"no model at {path}: train one first with "
-                              f"`python train.py`") from None
-    return _checkpoint_from_arrays(path, arrays, extra_arrays or {})
-
-
-# --- reading .npz archives without trusting them ---------------------------------------------
-
-
-Member = namedtuple("Member", "kinds max_bytes")
-Member.__doc__ = """What an archive member may be: its dtype kinds (e.g. "f", "iu", "U") and the
-largest size of its data in bytes."""
-
-MAX_NAME = 100  # characters in a class name: longer ones break the plots' layout
-CENTRAL_BYTES_PER_MEMBER = 1024  # a member's zip directory entry (NumPy's take about 80)
-NPY_HEADER_BYTES = 4096  # the largest .npy header accepted (NumPy writes 128 bytes)
-MAX_WEIGHT_BYTES = 1 << 27  # 128 MiB: a 4096 x 4096 float64 or a 5792 x 5792 float32 matrix
-MAX_VECTOR_BYTES = 1 << 20  # a bias, mean or std: up to 131,072 float64 values
-MAX_META_BYTES = 1 << 24  # the JSON string, 4 bytes a character: a state's history of
-# 10,000 epochs (config.py's limit) takes about 8 MB
-
-# A run state (train.STATE_FILE) is a checkpoint with the optimiser's velocities besides.
-CHECKPOINT_MEMBERS = {
-    **{prefix + k: Member("f", MAX_WEIGHT_BYTES if k[0] == "w" else MAX_VECTOR_BYTES)
-       for k in PARAM_NAMES for prefix in ("", "velocity_")},
-    "mean": Member("f", MAX_VECTOR_BYTES), "std": Member("f", MAX_VECTOR_BYTES),
-    "whitening": Member("f", MAX_WEIGHT_BYTES), "meta": Member("U", MAX_META_BYTES)}
-
-
-def read_archive(path, members, what="archive", error=Error):
-    """The arrays of the .npz archive at `path`, as {name: array}, read without trusting it.
-
-    `members` maps each name the archive may hold to its Member(kinds, max_bytes). Unknown,
-    duplicate, object, structured or Fortran-ordered members and any member larger than its
-    max_bytes are refused before they are decompressed, and reads are bounded whatever the
-    headers say. Missing members are the caller's to check. A missing file raises
-    FileNotFoundError; any other failure raises `error`: "<path> is not a readable <what> (why)".
-    """
-    try:
-        # A crafted header can make NumPy warn; the error below says all, in one line.
-        with cli.open_regular(path) as f, warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if f.read(len(np.lib.format.MAGIC_PREFIX)) == np.lib.format.MAGIC_PREFIX:
-                raise ValueError("it holds a single array, not an .npz archive")
-            return _read_zip(f, members)
-    except FileNotFoundError:
-        raise
-    except Exception as exc:  # refusals, truncation, bad zip or .npy headers alike
-        raise error(cli.shown(f"{path} is not a readable {what} ({exc})")) from None
-
-
-def _read_zip(f, members):
-    """The checked arrays of the zip archive in open file `f` (see `read_archive`)."""
-    # zipfile parses the whole central directory into memory (600 bytes an entry): bound it
-    # first, from the end record (a private helper, stable since Python 2).
-    end = zipfile._EndRecData(f)
-    if end is not None and end[zipfile._ECD_SIZE] > CENTRAL_BYTES_PER_MEMBER * len(members):
-        raise ValueError(f"its directory of {end[zipfile._ECD_SIZE]} bytes lists more members "
-                         f"than the {len(members)} it may hold")
-    with zipfile.ZipFile(f) as archive:
-        infos = archive.infolist()
-        names = [info.filename.removesuffix(".npy") for info in infos]
-        unknown = sorted({n for n in names if n not in members})
-        if unknown:
-            raise ValueError(f"unknown members {', '.join(unknown):.200}")
-        if len(set(names)) != len(names):
-            raise ValueError("a member stored twice")
-        for name, info in zip(names, infos):
-            if info.file_size > members[name].max_bytes + NPY_HEADER_BYTES:
-                raise ValueError(f"member {name} declares {info.file_size} bytes, more than "
-                                 f"the {members[name].max_bytes} it may hold")
-        arrays = {}
-        for name, info in zip(names, infos):
-            with archive.open(info) as stream:
-                arrays[name] = _read_npy(stream, name, members[name])
-        return arrays
-
-
-def _read_npy(stream, name, member):
-    """One .npy array from `stream`, refused (ValueError) unless its header matches `member`;
-    reads at most the bytes its shape needs, plus one to notice more."""
-    version = np.lib.format.read_magic(stream)
-    readers = {(1, 0): np.lib.format.read_array_header_1_0,
-               (2, 0): np.lib.format.read_array_header_2_0}
-    if version not in readers:
-        raise ValueError(f"member {name} is in .npy format {version}, not 1.0 or 2.0")
-    shape, fortran, dtype = readers[version](stream, max_header_size=NPY_HEADER_BYTES)
-    if dtype.kind not in member.kinds or dtype.hasobject or dtype.fields or dtype.subdtype:
-        raise ValueError(f"member {name} has dtype {dtype}, not of the kinds {member.kinds!r}")
-    if fortran:
-        raise ValueError(f"member {name} is stored in Fortran order")
-    size = math.prod(shape) * dtype.itemsize
-    if size > member.max_bytes:
-        raise ValueError(f"member {name} has shape {shape}: {size} bytes, more than the "
-                         f"{member.max_bytes} it may hold")
-    data = stream.read(size + 1)
-    if len(data) != size:
-        raise ValueError(f"member {name} holds {'more' if len(data) > size else 'less'} data "
-                         f"than its shape {shape} needs")
-    return np.frombuffer(bytearray(data), dtype).reshape(shape)
-
-
-def _checkpoint_from_arrays(path, arrays, extra_arrays):
-    def need(ok, what):
-        if not ok:
-            raise CheckpointError(f"{path} is not a valid checkpoint: {what}")
-
-    missing = [k for k in (*PARAM_NAMES, "mean", "std", "meta") if k not in arrays]
-    need(not missing, f"missing {', '.join(missing)}")
-    # NpzFile hands back raw bytes for a member that is not in .npy format.
-    odd = [k for k, a in arrays.items() if not isinstance(a, np.ndarray)]
-    need(not odd, f"{', '.join(odd)} not stored as arrays")
-    try:
-        meta = json.loads(str(arrays["meta"][()]))
-        activation, class_names = meta["activation"], meta["class_names"]
-    except (ValueError, KeyError, TypeError, IndexError, RecursionError) as exc:
-        raise CheckpointError(f"{path} is not a valid checkpoint: bad metadata ({exc})") from None
-    need(isinstance(activation, str) and activation in ACTIVATIONS,
-         f"unknown activation {activation!r}")
-    need(isinstance(class_names, list) and all(isinstance(n, str) and 0 < len(n) <= MAX_NAME
-                                                for n in class_names),
-         f"class_names is not a list of names of 1 to {MAX_NAME} characters")
-    need(isinstance(meta.get("config", {}), dict), "config is not a dict")
-    need(isinstance(meta.get("flip_average", False), bool), "flip_average is not true or false")
-    params = {k: arrays[k] for k in PARAM_NAMES}
-    dtype = params["w1"].dtype
-    need(dtype in (np.float32, np.float64), f"weights have dtype {dtype}, not float32/64")
-    need(all(p.dtype == dtype for p in params.values()), "weights of mixed dtypes")
-    need(all(p.ndim == (2 if k[0] == "w" else 1) for k, p in params.items()),
-         "weights of the wrong rank")
-    (d, h1), (h1b, h2), (h2b, c) = (params[k].shape for k in ("w1", "w2", "w3"))
-    need(min(d, h1, h2, c) > 0, "a layer of size 0")
-    need(h1 == h1b and h2 == h2b and params["b1"].shape == (h1,) and params["b2"].shape == (h2,)
-         and params["b3"].shape == (c,), "layer shapes do not chain")
-    need(len(class_names) == c, f"{len(class_names)} class names for {c} outputs")
-    whitening = arrays.get("whitening")
-    pixels = d
-    if whitening is not None:
-        need(isinstance(whitening, np.ndarray) and whitening.dtype == np.float32
-             and whitening.ndim == 2 and whitening.shape[1] == d and np.isfinite(whitening).all(),
-             f"whitening should be finite float32 of shape (pixels, {d})")
-        pixels = whitening.shape[0]
-    for k in ("mean", "std"):
-        need(arrays[k].shape == (pixels,) and arrays[k].dtype == np.float32,
-             f"{k} should be float32 of shape ({pixels},), got {arrays[k].dtype} "
-             f"{arrays[k].shape}")
-    need(all(np.isfinite(a).all() for a in (*params.values(), arrays["mean"], arrays["std"])),
-         "weights or statistics hold NaN or infinity")
-    need((arrays["std"] > 0).all(), "std has values <= 0")
-
-    net = ThreeLayerNN(d, (h1, h2), c, activation, dtype=dtype,
-                       dropout=meta.get("config", {}).get("dropout", 0.0))
-    for k, p in params.items():
-        setattr(net, k, np.ascontiguousarray(p))
-    for name, shape in extra_arrays.items():
-        a = arrays.get(name)
-        need(isinstance(a, np.ndarray) and a.dtype == dtype and a.shape == tuple(shape)
-             and np.isfinite(a).all(), f"{name} is missing, or not finite {dtype} of shape "
-                                       f"{tuple(shape)}")
-        meta[name] = a
-    meta.update(mean=arrays["mean"], std=arrays["std"], class_names=class_names,
-                prep=data_loader.Preprocessing(arrays["mean"], arrays["std"], whitening))
-    return net, meta

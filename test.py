@@ -12,9 +12,11 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+import checkpoint
 import cli
-import model
+import files
 import utils
+from inference import predict_proba
 
 METRICS_JSON = "test_metrics.json"
 
@@ -57,7 +59,7 @@ def _open_image(path):
     A big picture is shrunk to about WORKING_SIDE pixels (JPEG while it is decoded) before
     any conversion, so memory stays near one decoded copy of at most MAX_PIXELS pixels.
     """
-    with cli.open_regular(path) as f, Image.open(f, formats=FORMATS) as img:
+    with files.open_regular(path) as f, Image.open(f, formats=FORMATS) as img:
         if img.width * img.height > MAX_PIXELS:
             raise ValueError(f"{img.width}x{img.height} pixels, more than the {MAX_PIXELS} "
                              f"this reads")
@@ -93,7 +95,7 @@ def to_rgb(img):
 def classify_images(net, meta, paths, top=3):
     """Print the `top` most likely classes of each picture with their probabilities."""
     images = np.stack([load_image(path) for path in paths])
-    probs = utils.predict_proba(net, meta, images)
+    probs = predict_proba(net, meta, images)
     names = [cli.shown(name) for name in meta["class_names"]]
     for path, p in zip(paths, probs):
         best = np.argsort(p)[::-1][:top]
@@ -136,7 +138,7 @@ def main(argv=None):
                         "instead (PNG, JPEG, ...; any size): top three classes each")
     args = utils.parse_model_options(parser, argv)
 
-    net, meta = model.load_checkpoint(args.model)
+    net, meta = checkpoint.load_checkpoint(args.model)
     if args.image:
         if len(meta["mean"]) != utils.PIXELS:
             raise cli.Error(f"{cli.shown(args.model)} takes {len(meta['mean'])} inputs per "
@@ -145,8 +147,8 @@ def main(argv=None):
         return 0
 
     images, labels = utils.load_test_set(args.data_dir, net, meta, args.model)
-    cli.writable_folder(args.out_dir)
-    probs = utils.predict_proba(net, meta, images, args.batch_size)
+    files.writable_folder(args.out_dir)
+    probs = predict_proba(net, meta, images, args.batch_size)
     predictions = probs.argmax(axis=1)
     metrics = {"model": args.model, **evaluation_metrics(labels, predictions, meta["class_names"])}
     print(f"Test accuracy: {metrics['accuracy']:.4f}")
@@ -156,7 +158,7 @@ def main(argv=None):
              (utils.CONFUSION_PNG, utils.MISCLASSIFIED_PNG, METRICS_JSON)]
     utils.plot_confusion(metrics["confusion"], meta["class_names"], paths[0])
     utils.plot_misclassified(images, labels, predictions, meta["class_names"], paths[1])
-    cli.write_json(paths[2], metrics)
+    files.write_json(paths[2], metrics)
     print("wrote " + ", ".join(map(cli.shown, paths)))
     return 0
 

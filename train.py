@@ -17,15 +17,17 @@ import time
 import numpy as np
 from tqdm import tqdm
 
+import checkpoint
 import cli
 import config as cfg
 import data_loader
+import files
 import model
 import optim
+from inference import evaluate, evaluate_flops
 
 BEST_FILE, HISTORY_FILE, CURVES_FILE = "best.npy", "history.json", "curves.png"
 STATE_FILE = "resume_state.npz"
-LOCAL_KEYS = ("data_dir", "save_dir")  # may differ between a run and its resumption
 
 
 class Diverged(cli.Error):
@@ -46,18 +48,6 @@ def learning_rate(config, t):
     if schedule == "onecycle":
         return peak * max(1.0 - done, 0.0)
     return peak
-
-
-def evaluate(net, images, labels, prep, flip_average=False):
-    """Mean cross-entropy and accuracy on uint8 images (no dropout, no smoothing)."""
-    log_probs = model.log_probabilities(net, images, prep, flip_average)
-    return model.cross_entropy(log_probs, labels), float(np.mean(log_probs.argmax(1) == labels))
-
-
-def evaluate_flops(net, prep, n_images, flip_average=False):
-    """FLOPs of `evaluate` on `n_images` images."""
-    per_image = net.flops() + data_loader.preprocess_flops(prep)
-    return n_images * per_image * (2 if flip_average else 1)
 
 
 @np.errstate(over="ignore", invalid="ignore")  # divergence is detected and reported below
@@ -125,91 +115,6 @@ def check_fits(config, n_images):
                              f"{n_images - config['val_size']} training images")
 
 
-# --- the state of a run: a checkpoint of the last epoch, plus what continuing it needs -------
-
-
-def new_run():
-    """The progress of a run before its first epoch, as the state file stores it."""
-    return {"epoch": 0, "history": [], "best_acc": -1.0, "best_epoch": 0, "stopped": None,
-            "flops": 0}
-
-
-def save_model(path, net, prep, config, arrays=None, **extra):
-    """best.npy (all that inference needs: weights, preprocessing, flip averaging), or with
-    the optimiser's arrays the run state, through model.save_checkpoint."""
-    whitening = {} if prep.whitening is None else {"whitening": prep.whitening}
-    model.save_checkpoint(path, net, prep.mean, prep.std, data_loader.CLASS_NAMES, config,
-                          arrays={**whitening, **(arrays or {})},
-                          flip_average=config["flip_average"], **extra)
-
-
-def save_state(path, net, optimizer, rng, prep, config, run):
-    """Write everything a resumed run needs after an epoch, atomically."""
-    save_model(path, net, prep, config, optimizer.state(), run=run, rng=rng.bit_generator.state)
-
-
-def check_run(run, epochs):
-    """Refuse (ValueError) a progress record that is not one new_run and training write."""
-    fresh = new_run()
-    if not (isinstance(run, dict) and set(run) == set(fresh)):
-        raise ValueError(f"its record holds not just {', '.join(fresh)}")
-    numbers = [run[k] for k in ("epoch", "best_epoch", "best_acc", "flops")]
-    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in numbers):
-        raise ValueError("a count that is not a number")
-    if not (isinstance(run["epoch"], int) and isinstance(run["best_epoch"], int)
-            and 0 <= run["best_epoch"] <= run["epoch"] <= epochs
-            and isinstance(run["history"], list) and len(run["history"]) == run["epoch"]
-            and all(isinstance(r, dict) for r in run["history"])
-            and run["stopped"] in (None, "early_stopping")):
-        raise ValueError(f"epochs that do not add up (epoch {run['epoch']!r} of {epochs})")
-
-
-def _same(a, b):
-    return (a is None) == (b is None) and (a is None or np.array_equal(a, b))
-
-
-def _option_change(key, stored, config):
-    """How one option of a saved run differs from the one given, for the refusal."""
-    flag = "--" + key.replace("_", "-")
-    if key not in stored:
-        return f"{flag} (not in the state: saved by another version)"
-    if key not in config:
-        return f"{flag} {stored[key]} (no such option in this version)"
-    return f"{flag} {stored[key]} (given {config[key]})"
-
-
-def load_state(path, config, net, optimizer, rng, prep):
-    """Put the run saved at `path` into net, optimizer and rng; return its progress record.
-
-    Refuses a state whose configuration differs from `config`, naming the keys.
-    """
-    if not os.path.exists(path):
-        raise cli.Error(f"nothing to resume in {os.path.dirname(path) or '.'}: it holds no "
-                        f"{STATE_FILE}; start the run without --resume")
-    shapes = {name: v.shape for name, v in optimizer.state().items()}
-    saved, meta = model.load_checkpoint(path, extra_arrays=shapes)
-    stored = meta.get("config", {})
-    differ = sorted(k for k in set(stored) | set(config)
-                    if k not in LOCAL_KEYS and stored.get(k) != config.get(k))
-    if differ:
-        raise cli.UsageError(f"--resume: {path} was saved with other options: " + ", ".join(
-            cli.shown(_option_change(k, stored, config)) for k in differ))
-    run = meta.get("run")
-    try:
-        check_run(run, config["epochs"])
-        rng.bit_generator.state = meta["rng"]
-    except (KeyError, TypeError, ValueError, OverflowError) as exc:
-        raise model.CheckpointError(f"{path} is not a valid run state ({exc})") from None
-    saved_prep = meta["prep"]
-    if not all(_same(a, b) for a, b in zip(saved_prep, prep)):
-        raise cli.Error(f"--resume: {path} was saved on other data (its normalisation "
-                        f"statistics or whitening differ from this data's)")
-    for name, p in net.params.items():
-        p[...] = getattr(saved, name)
-    optimizer.load_state(meta)
-    return run
-
-
 def train(config, data=None, on_epoch=None, progress=True, evaluate_test=False, verbose=None,
           resume=False):
     """Train with `config`; write best.npy, history.json, curves.png and the run state to
@@ -227,8 +132,8 @@ def train(config, data=None, on_epoch=None, progress=True, evaluate_test=False, 
     check_memory(config)
     data = data or data_loader.load_data(config["data_dir"])
     check_fits(config, len(data[0]))
-    with cli.folder_lock(config["save_dir"]):
-        cli.remove_stale_temps(config["save_dir"], (BEST_FILE, HISTORY_FILE, CURVES_FILE,
+    with files.folder_lock(config["save_dir"]):
+        files.remove_stale_temps(config["save_dir"], (BEST_FILE, HISTORY_FILE, CURVES_FILE,
                                                     STATE_FILE))
         return _train(config, data, on_epoch, progress, evaluate_test, verbose, resume)
 
@@ -248,12 +153,12 @@ def _train(config, data, on_epoch, progress, evaluate_test, verbose, resume):
 
     path = {name: os.path.join(config["save_dir"], name)
             for name in (BEST_FILE, HISTORY_FILE, CURVES_FILE, STATE_FILE)}
-    run = new_run()
+    run = checkpoint.new_run()
     run["flops"] = prep_flops
     verbose = progress if verbose is None else verbose
     say = (tqdm.write if progress else print) if verbose else (lambda message: None)
     if resume:
-        run = load_state(path[STATE_FILE], config, net, optimizer, rng, prep)
+        run = checkpoint.load_state(path[STATE_FILE], config, net, optimizer, rng, prep)
         say(f"resuming {config['save_dir']} after epoch {run['epoch']} of {config['epochs']}")
     signum = None
     try:
@@ -278,11 +183,11 @@ def _train(config, data, on_epoch, progress, evaluate_test, verbose, resume):
                 if config["patience"] and epoch - run["best_epoch"] >= config["patience"]:
                     run["stopped"] = "early_stopping"
                 if improved:
-                    save_model(path[BEST_FILE], net, prep, config, epoch=epoch,
+                    checkpoint.save_model(path[BEST_FILE], net, prep, config, epoch=epoch,
                                val_acc=val_acc)
-                cli.write_json(path[HISTORY_FILE], {"config": config, "training_tflop":
+                files.write_json(path[HISTORY_FILE], {"config": config, "training_tflop":
                                                     run["flops"] / 1e12, "epochs": run["history"]})
-                save_state(path[STATE_FILE], net, optimizer, rng, prep, config, run)
+                checkpoint.save_state(path[STATE_FILE], net, optimizer, rng, prep, config, run)
             say(f"epoch {epoch:3d}  train loss {train_loss:.4f} acc {train_acc:.4f}  val loss "
                 f"{val_loss:.4f} acc {val_acc:.4f}  lr {lr:.4g}  {record['seconds']:.1f}s"
                 + ("  *best" if improved else ""))
@@ -300,7 +205,7 @@ def _train(config, data, on_epoch, progress, evaluate_test, verbose, resume):
 
     test_acc = test_acc_single = None
     if evaluate_test and run["best_epoch"]:
-        best, meta = model.load_checkpoint(path[BEST_FILE])
+        best, meta = checkpoint.load_checkpoint(path[BEST_FILE])
         test_acc = evaluate(best, test_images, test_labels, meta["prep"],
                             meta.get("flip_average"))[1]
         if meta.get("flip_average"):  # reported with and without it

@@ -9,14 +9,17 @@ Each PNG is written atomically under a fixed name.
 import json
 import math
 import os
+import re
 
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+import checkpoint
 import cli
 import data_loader
-import model
+import files
+from inference import predict_proba
 
 from data_loader import IMAGE_SHAPE, PIXELS
 
@@ -28,20 +31,6 @@ MISCLASSIFIED_PNG = "misclassified.png"
 
 
 # --- metrics ----------------------------------------------------------------------------------
-
-
-def predict_proba(net, meta, images, batch_size=2000):
-    """Class probabilities of uint8 images, preprocessed as the checkpoint's `meta` says.
-
-    Refuses outputs that are not finite (a checkpoint with extreme weights or statistics)."""
-    with np.errstate(all="ignore"):  # overflow is reported below, in one line
-        probs = np.exp(model.log_probabilities(net, images, meta["prep"],
-                                               meta.get("flip_average"), batch_size))
-    if not np.isfinite(probs).all():
-        raise cli.Error("the model's outputs are not finite (NaN or infinity): its weights or "
-                        "normalisation statistics are too extreme for "
-                        f"{np.dtype(net.dtype).name} arithmetic")
-    return probs
 
 
 def confusion_matrix(labels, predictions, n_classes):
@@ -74,7 +63,7 @@ def class_metrics(counts):
 
 def save_figure(fig, path, dpi=100):
     """Write `fig` to `path` as a PNG, atomically."""
-    with cli.atomic_write(path) as f:
+    with files.atomic_write(path) as f:
         fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")
 
 
@@ -167,6 +156,55 @@ def plot_misclassified(images, labels, predictions, class_names, path, n=32):
     save_figure(fig, path)
 
 
+def plot_search(study, out_dir, space, names):
+    """A search's pictures in `out_dir`, named by `names` (hyperparam_tuning.FILES): the
+    optimization history (trials numbered as integers), parameter importances by PED-ANOVA
+    (named here: Optuna 4's default, fANOVA, needs scikit-learn), and validation accuracy
+    against the two most important searched parameters that varied, in val_acc_<a>_<b>.png
+    (older such plots removed). Optuna's style stays in an rc_context. Returns the name of
+    that last plot and why there are no importances."""
+    import warnings
+
+    import matplotlib
+    matplotlib.use("agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    import optuna.visualization.matplotlib as plots
+
+    def save(axes, name):  # Axes, or an array of them
+        figure = np.ravel(axes)[0].figure
+        try:
+            save_figure(figure, os.path.join(out_dir, name))
+        finally:
+            plt.close(figure)
+
+    target, evaluator = "validation accuracy", optuna.importance.PedAnovaImportanceEvaluator()
+    with matplotlib.rc_context(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna's matplotlib plots are "experimental"
+        history = plots.plot_optimization_history(study, target_name=target)
+        history.xaxis.set_major_locator(MaxNLocator(integer=True))
+        save(history, names["history"])
+        try:
+            importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
+            why_not = None if importances else "no parameter varies among the complete trials"
+        except Exception as exc:  # too few complete trials
+            importances, why_not = {}, f"{type(exc).__name__}: {exc}"
+        if importances:
+            save(plots.plot_param_importances(study, evaluator=evaluator, target_name=target),
+                 names["importance"])
+        complete = study.get_trials(deepcopy=False,
+                                    states=(optuna.trial.TrialState.COMPLETE,))
+        varied = [k for k in space if len({str(t.params.get(k)) for t in complete}) > 1]
+        shown = sorted(varied, key=lambda k: -importances.get(k, 0))[:2]
+        pair = f"val_acc_{'_'.join(shown)}.png" if shown else None
+        for old in os.listdir(out_dir):
+            if re.fullmatch(r"val_acc_.*\.png", old) and old != pair:
+                os.remove(os.path.join(out_dir, old))
+        if shown:
+            save(plots.plot_slice(study, params=shown, target_name=target), pair)
+    return pair, why_not
+
+
 # --- command line -----------------------------------------------------------------------------
 
 
@@ -184,7 +222,7 @@ def _is_record(record):
 def load_history(path):
     """The epoch records (a list of dicts) of a history.json written by train.py."""
     try:
-        with cli.open_regular(path, MAX_HISTORY_BYTES) as f:
+        with files.open_regular(path, MAX_HISTORY_BYTES) as f:
             records = json.load(f)["epochs"]
         if not (isinstance(records, list) and all(map(_is_record, records))):
             raise ValueError("'epochs' is not a list of records of numbers, numbered from 1")
@@ -233,9 +271,9 @@ def main(argv=None):
     parser.add_argument("--out-dir", help="folder for the pictures (default: the checkpoint's)")
     args = parse_model_options(parser, argv)
 
-    net, meta = model.load_checkpoint(args.model)
+    net, meta = checkpoint.load_checkpoint(args.model)
     out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.model))
-    cli.writable_folder(out_dir)
+    files.writable_folder(out_dir)
 
     def draw(plot, name, *plot_args):
         plot(*plot_args, os.path.join(out_dir, name))

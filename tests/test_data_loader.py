@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import cifar10
 import data_loader
 from conftest import batch_bytes, make_archive, make_cifar_dir
 from data_loader import DataError
@@ -213,7 +214,7 @@ def test_mirror_and_checksum_from_the_environment(tmp_path, server, archive, mon
 
 def test_the_official_checksum_is_the_default(tmp_path, server, archive):
     body, _, _ = archive()
-    with pytest.raises(DataError, match=f"expected {data_loader.MD5}.*CIFAR10_MD5"):
+    with pytest.raises(DataError, match=f"expected {cifar10.MD5}.*CIFAR10_MD5"):
         data_loader.load_data(tmp_path, url=server("/x.tar.gz", body), progress=False)
 
 
@@ -239,7 +240,7 @@ def test_a_dropped_connection_leaves_nothing_and_the_next_run_recovers(tmp_path,
 
 def test_a_stalled_server_times_out(tmp_path, server, archive, monkeypatch):
     body, md5, _ = archive()
-    monkeypatch.setattr(data_loader, "TIMEOUT", 0.3)
+    monkeypatch.setattr(cifar10, "TIMEOUT", 0.3)
     data_dir = tmp_path / "data"
     with pytest.raises(DataError, match="cannot download .*timed out"):
         data_loader.load_data(data_dir, url=server("/x.tar.gz", body, mode="stall"), md5=md5,
@@ -259,7 +260,7 @@ def test_without_network_the_error_says_where_to_put_the_archive(tmp_path):
     with pytest.raises(DataError) as info:
         data_loader.load_data(data_dir, url=dead_url(), progress=False)
     message = str(info.value)
-    assert str(data_dir / "cifar-10-python.tar.gz") in message and data_loader.URL in message
+    assert str(data_dir / "cifar-10-python.tar.gz") in message and cifar10.URL in message
     assert "\n" not in message
     assert os.listdir(data_dir) == []
 
@@ -483,5 +484,5 @@ def test_the_real_cifar10():
     assert train_y.dtype == test_y.dtype == np.int64
     assert np.bincount(train_y).tolist() == [5000] * 10
     assert np.bincount(test_y).tolist() == [1000] * 10
-    for name in data_loader.TRAIN_FILES + [data_loader.TEST_FILE]:
-        assert len(data_loader.read_batch(REAL_DATA / name)[1]) == 10000
+    for name in cifar10.TRAIN_FILES + [cifar10.TEST_FILE]:
+        assert len(cifar10.read_batch(REAL_DATA / name)[1]) == 10000

@@ -15,6 +15,7 @@ import config as cfg
 import data_loader
 import model
 import utils
+from checkpoint import save_checkpoint
 from conftest import load_script, make_cifar_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,7 +51,7 @@ def save_tiny_model(path, input_size=3072, seed=0):
     net = model.ThreeLayerNN(input_size, 8, 10, "tanh", seed=seed)
     mean = rng.uniform(100, 150, input_size).astype(np.float32)
     std = rng.uniform(50, 70, input_size).astype(np.float32)
-    model.save_checkpoint(path, net, mean, std, data_loader.CLASS_NAMES, {"hidden_size": [8, 8]})
+    save_checkpoint(path, net, mean, std, data_loader.CLASS_NAMES, {"hidden_size": [8, 8]})
     return net, mean, std
 
 

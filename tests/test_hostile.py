@@ -26,6 +26,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import checkpoint
+import cifar10
 import cli
 import data_loader
 import model
@@ -62,7 +64,7 @@ def run_script(script, *args, timeout=60):
 MEASURED = """
 import json, sys
 sys.path.insert(0, "tests")
-import cli, data_loader, model
+import checkpoint, cifar10, cli, data_loader, model
 from conftest import load_script
 call = {call}
 try:
@@ -106,7 +108,7 @@ def save_model(path, std=None, scale=1.0, class_names=data_loader.CLASS_NAMES):
         setattr(net, k, getattr(net, k) * np.float32(scale))
     mean = np.full(3072, 120, np.float32)
     std = np.full(3072, 60 if std is None else std, np.float32)
-    model.save_checkpoint(path, net, mean, std, class_names, {})
+    checkpoint.save_checkpoint(path, net, mean, std, class_names, {})
     return path
 
 
@@ -215,7 +217,7 @@ def test_zero_strides_take_no_memory(tmp_path):
     make_cifar_dir(tmp_path)
     labels = Reduced(np.ndarray, ((200_000,), np.dtype("i8"), bytes(8), 0, (0,)))
     write_batch(tmp_path, CRAFTED["zero strides"], labels)
-    report = measured("data_loader.read_folder", tmp_path / "cifar-10-batches-py")
+    report = measured("cifar10.read_folder", tmp_path / "cifar-10-batches-py")
     assert "data_batch_1" in report["error"] and report["maxrss_mb"] < 150, report
 
 
@@ -226,10 +228,10 @@ def test_numpy_int_labels_and_big_endian_arrays_still_load(tmp_path):
     labels = np.arange(20, dtype=">i4") % 10
     path = Path(tmp_path) / "cifar-10-batches-py" / "data_batch_1"
     path.write_bytes(pickle.dumps({"data": data, "labels": labels}, protocol=4))
-    got, y = data_loader.read_batch(path)
+    got, y = cifar10.read_batch(path)
     assert np.array_equal(got, data) and y.tolist() == (np.arange(20) % 10).tolist()
     path.write_bytes(pickle.dumps({"data": data, "labels": [np.int64(k) for k in labels]}))
-    assert data_loader.read_batch(path)[1].tolist() == labels.tolist()
+    assert cifar10.read_batch(path)[1].tolist() == labels.tolist()
 
 
 def test_a_huge_sparse_batch_file_is_refused_by_its_size(tmp_path):
@@ -237,7 +239,7 @@ def test_a_huge_sparse_batch_file_is_refused_by_its_size(tmp_path):
     make_cifar_dir(tmp_path)
     path = Path(tmp_path) / "cifar-10-batches-py" / "data_batch_1"
     os.truncate(path, 10 << 30)
-    report = measured("data_loader.read_batch", path)
+    report = measured("cifar10.read_batch", path)
     assert "more than" in report["error"] and report["maxrss_mb"] < 150, report
 
 
@@ -252,7 +254,7 @@ def test_checkpoint_bombs_are_refused_before_decompression(tmp_path, ckpt, bomb,
     members = {**checkpoint_members(ckpt), **bomb}
     write_zip(ckpt, members)
     assert ckpt.stat().st_size < 4 * MB
-    report = measured("model.load_checkpoint", ckpt)
+    report = measured("checkpoint.load_checkpoint", ckpt)
     assert message in report["error"] and report["maxrss_mb"] < 150, report
 
 
@@ -266,20 +268,20 @@ def test_checkpoint_bombs_are_refused_before_decompression(tmp_path, ckpt, bomb,
 ], ids=["too large", "trailing data", "truncated", "structured", "complex", "Fortran"])
 def test_checkpoint_members_must_match_their_headers(tmp_path, ckpt, member, message):
     write_zip(ckpt, {**checkpoint_members(ckpt), "w1.npy": member()})
-    with pytest.raises(model.CheckpointError, match=message):
-        model.load_checkpoint(ckpt)
+    with pytest.raises(checkpoint.CheckpointError, match=message):
+        checkpoint.load_checkpoint(ckpt)
 
 
 def test_duplicate_members_and_huge_meta_are_refused(tmp_path, ckpt):
     members = checkpoint_members(ckpt)
     with zipfile.ZipFile(ckpt, "a") as zf, pytest.warns(UserWarning, match="Duplicate"):
         zf.writestr("b1.npy", members["b1.npy"])
-    with pytest.raises(model.CheckpointError, match="twice"):
-        model.load_checkpoint(ckpt)
+    with pytest.raises(checkpoint.CheckpointError, match="twice"):
+        checkpoint.load_checkpoint(ckpt)
     huge = npy_bytes(np.array(json.dumps({"activation": "relu", "x": "y" * (2 * MB)})))
     write_zip(ckpt, {**members, "meta.npy": huge})
-    with pytest.raises(model.CheckpointError, match="meta"):
-        model.load_checkpoint(ckpt)
+    with pytest.raises(checkpoint.CheckpointError, match="meta"):
+        checkpoint.load_checkpoint(ckpt)
 
 
 def test_a_zip_directory_of_many_entries_is_refused_before_it_is_parsed(tmp_path):
@@ -289,36 +291,36 @@ def test_a_zip_directory_of_many_entries_is_refused_before_it_is_parsed(tmp_path
     with zipfile.ZipFile(path, "w") as zf:
         for k in range(20_000):
             zf.writestr(str(k), b"")
-    with pytest.raises(model.CheckpointError, match="lists more members than the"):
-        model.load_checkpoint(path)
+    with pytest.raises(checkpoint.CheckpointError, match="lists more members than the"):
+        checkpoint.load_checkpoint(path)
 
 
 def test_class_names_must_be_short(tmp_path):
     """Past the list: ten names of 90,000 characters made the plots fail with std::bad_alloc."""
     path = save_model(tmp_path / "best.npy", class_names=["W" * 101] + data_loader.CLASS_NAMES[1:])
-    with pytest.raises(model.CheckpointError, match="names of 1 to 100 characters"):
-        model.load_checkpoint(path)
+    with pytest.raises(checkpoint.CheckpointError, match="names of 1 to 100 characters"):
+        checkpoint.load_checkpoint(path)
 
 
 def test_deeply_nested_meta_is_one_clear_error(tmp_path, ckpt):
     nested = npy_bytes(np.array("[" * 100_000 + "]" * 100_000))
     write_zip(ckpt, {**checkpoint_members(ckpt), "meta.npy": nested})
-    with pytest.raises(model.CheckpointError, match="bad metadata"):
-        model.load_checkpoint(ckpt)
+    with pytest.raises(checkpoint.CheckpointError, match="bad metadata"):
+        checkpoint.load_checkpoint(ckpt)
 
 
 def test_read_archive_serves_another_member_table(tmp_path):
     """The reader is general: a resume-state file with its own members and bounds."""
-    table = {"velocity_w1": model.Member("f", 4096), "rng": model.Member("U", 1024)}
+    table = {"velocity_w1": checkpoint.Member("f", 4096), "rng": checkpoint.Member("U", 1024)}
     path = tmp_path / "state.npz"
     np.savez(path, velocity_w1=np.ones((4, 4)), rng=np.array('{"seed": 1}'))
-    arrays = model.read_archive(path, table, "training state")
+    arrays = checkpoint.read_archive(path, table, "training state")
     assert arrays["velocity_w1"].sum() == 16 and arrays["velocity_w1"].flags.writeable
     np.savez(path, velocity_w1=np.ones((40, 40)))
     with pytest.raises(cli.Error, match="not a readable training state.*velocity_w1"):
-        model.read_archive(path, table, "training state")
+        checkpoint.read_archive(path, table, "training state")
     with pytest.raises(FileNotFoundError):
-        model.read_archive(tmp_path / "absent.npz", table)
+        checkpoint.read_archive(tmp_path / "absent.npz", table)
 
 
 def test_extra_arrays_of_a_run_state_are_bounded_by_their_shapes(tmp_path):
@@ -326,15 +328,15 @@ def test_extra_arrays_of_a_run_state_are_bounded_by_their_shapes(tmp_path):
     extra array may hold no more than its expected shape, and nothing else may be there."""
     net = model.ThreeLayerNN(12, (5, 4), 3, "tanh", seed=1)
     path = tmp_path / "state.npz"
-    model.save_checkpoint(path, net, np.zeros(12), np.ones(12), ["a", "b", "c"], {},
+    checkpoint.save_checkpoint(path, net, np.zeros(12), np.ones(12), ["a", "b", "c"], {},
                           arrays={"velocity_w1": np.zeros((1000, 1000), np.float32)})
-    with pytest.raises(model.CheckpointError, match="velocity_w1 .* more than the 480"):
-        model.load_checkpoint(path, extra_arrays={"velocity_w1": (12, 5)})
-    model.load_checkpoint(path)  # a state is a checkpoint too (velocities bounded as weights)
-    model.save_checkpoint(path, net, np.zeros(12), np.ones(12), ["a", "b", "c"], {},
+    with pytest.raises(checkpoint.CheckpointError, match="velocity_w1 .* more than the 480"):
+        checkpoint.load_checkpoint(path, extra_arrays={"velocity_w1": (12, 5)})
+    checkpoint.load_checkpoint(path)  # a state is a checkpoint too (velocities bounded as weights)
+    checkpoint.save_checkpoint(path, net, np.zeros(12), np.ones(12), ["a", "b", "c"], {},
                           arrays={"momentum_w1": np.zeros((12, 5), np.float32)})
-    with pytest.raises(model.CheckpointError, match="unknown members momentum_w1"):
-        model.load_checkpoint(path)
+    with pytest.raises(checkpoint.CheckpointError, match="unknown members momentum_w1"):
+        checkpoint.load_checkpoint(path)
 
 
 # --- 4: tar bombs and endless downloads -------------------------------------------------------
@@ -345,12 +347,12 @@ def hostile_archive(tmp_path, extra):
     make_cifar_dir(tmp_path / "source")
     data_dir = tmp_path / "data"
     data_dir.mkdir()
-    with tarfile.open(data_dir / data_loader.ARCHIVE, "w:gz", compresslevel=1,
+    with tarfile.open(data_dir / cifar10.ARCHIVE, "w:gz", compresslevel=1,
                       format=tarfile.PAX_FORMAT) as tar:
         for info, content in extra:
             tar.addfile(info, io.BytesIO(content))
         tar.add(tmp_path / "source" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
-    md5 = hashlib.md5((data_dir / data_loader.ARCHIVE).read_bytes()).hexdigest()
+    md5 = hashlib.md5((data_dir / cifar10.ARCHIVE).read_bytes()).hexdigest()
     return data_dir, md5
 
 
@@ -374,9 +376,9 @@ def test_tar_bombs_write_and_hold_little(tmp_path, extra, message):
     """Item 4: a 3 MB archive with a 3 GiB member wrote 3 GB before the fix; a pax header of
     60 MB (past the list) took 3 times that in memory."""
     data_dir, md5 = hostile_archive(tmp_path, extra())
-    report = measured(LOAD, data_dir, md5, fsize=data_loader.MAX_MEMBER_BYTES + MB)
+    report = measured(LOAD, data_dir, md5, fsize=cifar10.MAX_MEMBER_BYTES + MB)
     assert message in report["error"] and report["maxrss_mb"] < 150, report
-    assert os.listdir(data_dir) == [data_loader.ARCHIVE]
+    assert os.listdir(data_dir) == [cifar10.ARCHIVE]
 
 
 def test_only_cifar_files_are_extracted_and_members_are_counted(tmp_path, monkeypatch):
@@ -384,7 +386,7 @@ def test_only_cifar_files_are_extracted_and_members_are_counted(tmp_path, monkey
                                               member("elsewhere.txt", content=b"x")])
     data_loader.load_data(data_dir, url="http://127.0.0.1:9/", md5=md5)
     assert sorted(os.listdir(data_dir / "cifar-10-batches-py")) == sorted(
-        data_loader.TRAIN_FILES + ["test_batch", "batches.meta"])
+        cifar10.TRAIN_FILES + ["test_batch", "batches.meta"])
     many = [member(f"cifar-10-batches-py/{k}", content=b"") for k in range(70)]
     data_dir, md5 = hostile_archive(tmp_path / "many", many)
     with pytest.raises(data_loader.DataError, match="more than 64 members"):
@@ -425,7 +427,7 @@ def endless():
 
 
 def test_an_endless_download_is_cut_at_the_cap(tmp_path, endless, monkeypatch):
-    monkeypatch.setattr(data_loader, "MAX_DOWNLOAD_BYTES", 8 * MB)
+    monkeypatch.setattr(cifar10, "MAX_DOWNLOAD_BYTES", 8 * MB)
     for path in ("/zeros", "/huge"):
         with pytest.raises(data_loader.DataError, match="larger than"):
             data_loader.load_data(tmp_path, url=endless + path, progress=False)
@@ -445,10 +447,10 @@ def test_a_signal_leaves_no_part_file(tmp_path, endless, how):
     """Item 4: the download's clean-up runs when a signal stops it."""
     handler = ("signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw("
                "KeyboardInterrupt()))" if "SIGTERM" in how else "")
-    code = (f"import signal, sys, data_loader\n{handler}\n"
-            "data_loader.download(sys.argv[1], sys.argv[2], '0' * 32, progress=False)")
+    code = (f"import signal, sys, cifar10\n{handler}\n"
+            "cifar10.download(sys.argv[1], sys.argv[2], '0' * 32, progress=False)")
     child = subprocess.Popen([sys.executable, "-c", code, endless + "/slow",
-                              tmp_path / data_loader.ARCHIVE], cwd=ROOT,
+                              tmp_path / cifar10.ARCHIVE], cwd=ROOT,
                              stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 20
     while not any(p.stat().st_size for p in tmp_path.glob("*.part")):
@@ -487,8 +489,8 @@ def test_error_lines_escape_paths(tmp_path):
     hostile_dir = tmp_path / "d\x1b[31m\n"
     (hostile_dir / "cifar-10-batches-py").mkdir(parents=True)
     (hostile_dir / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"\x1b[2J")
-    for load, path in [(evaluate.load_image, image), (model.load_checkpoint, image),
-                       (model.load_checkpoint, hostile_dir / "absent"),
+    for load, path in [(evaluate.load_image, image), (checkpoint.load_checkpoint, image),
+                       (checkpoint.load_checkpoint, hostile_dir / "absent"),
                        (data_loader.load_data, hostile_dir)]:
         with pytest.raises(cli.Error) as exc_info:
             load(path)
@@ -662,7 +664,7 @@ def test_a_model_of_another_class_count_is_refused_for_cifar(tmp_path):
     10^10 cells; 20 shows it without the harm."""
     net = model.ThreeLayerNN(3072, (8, 8), 20, "relu", seed=0)
     path = tmp_path / "best.npy"
-    model.save_checkpoint(path, net, np.zeros(3072), np.ones(3072), [str(k) for k in range(20)],
+    checkpoint.save_checkpoint(path, net, np.zeros(3072), np.ones(3072), [str(k) for k in range(20)],
                           {})
     make_cifar_dir(tmp_path / "data")
     result = run_script("test.py", "--model", path, "--data-dir", tmp_path / "data",

@@ -2,9 +2,11 @@
 import numpy as np
 import pytest
 
+import checkpoint
 import cli
 import model
-from model import ACTIVATIONS, ThreeLayerNN, load_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, save_checkpoint
+from model import ACTIVATIONS, ThreeLayerNN
 
 
 def numerical_gradient(f, x, h=1e-5):
@@ -160,7 +162,7 @@ def test_bad_checkpoints_give_clear_errors(tmp_path, change, message):
     path = tmp_path / "best.npy"
     save_tiny(path)
     corrupt(path, **change)
-    with pytest.raises(model.CheckpointError, match=message):
+    with pytest.raises(checkpoint.CheckpointError, match=message):
         load_checkpoint(path)
 
 
@@ -170,12 +172,12 @@ def test_truncated_missing_and_foreign_files(tmp_path):
     data = path.read_bytes()
     for size in (0, 10, len(data) // 2, len(data) - 30):
         path.write_bytes(data[:size])
-        with pytest.raises(model.CheckpointError):
+        with pytest.raises(checkpoint.CheckpointError):
             load_checkpoint(path)
-    with pytest.raises(model.CheckpointError, match="no model"):
+    with pytest.raises(checkpoint.CheckpointError, match="no model"):
         load_checkpoint(tmp_path / "absent.npy")
     np.save(tmp_path / "plain.npy", np.zeros(3))
-    with pytest.raises(model.CheckpointError, match="single array"):
+    with pytest.raises(checkpoint.CheckpointError, match="single array"):
         load_checkpoint(tmp_path / "plain.npy")
 
 

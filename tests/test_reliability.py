@@ -38,6 +38,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import benchmark
+import cifar10
 import cli
 import config as cfg
 import data_loader
@@ -45,6 +46,7 @@ import hyperparam_tuning as ht
 import model
 import train
 import utils
+from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from conftest import batch_bytes, load_script, make_cifar_dir
 
 pytestmark = pytest.mark.timeout(120)
@@ -132,12 +134,12 @@ def version(k):
 
 
 def save_version(path, k):
-    model.save_checkpoint(path, version(k), MEAN, STD, data_loader.CLASS_NAMES, {}, version=k)
+    save_checkpoint(path, version(k), MEAN, STD, data_loader.CLASS_NAMES, {}, version=k)
 
 
 def assert_is_version(path, allowed):
     """`path` loads, and is exactly one of the checkpoint versions in `allowed`."""
-    net, meta = model.load_checkpoint(path)
+    net, meta = load_checkpoint(path)
     k = meta["version"]
     assert k in allowed, (k, allowed)
     for name, param in version(k).params.items():
@@ -264,7 +266,7 @@ def test_kill_9_of_train_py_leaves_loadable_consistent_files(tmp_path, data_dir)
             process.kill()
             process.wait()
         history = json.loads((save_dir / "history.json").read_text())["epochs"]
-        net, meta = model.load_checkpoint(save_dir / "best.npy")
+        net, meta = load_checkpoint(save_dir / "best.npy")
         # In an epoch best.npy is written before history.json: at most one epoch ahead.
         accs = [r["val_acc"] for r in history]
         assert 1 <= meta["epoch"] <= len(history) + 1
@@ -378,7 +380,7 @@ def test_a_full_disk_is_one_clear_error_and_keeps_the_previous_run(tmp_path, dat
         assert code == 1
         assert_one_error_line(err, "cannot write", "No space left on device")
         assert snapshot(results) == before  # no half file, no temporary left
-        model.load_checkpoint(results / "best.npy")
+        load_checkpoint(results / "best.npy")
     finally:
         unmount(disk)
 
@@ -510,7 +512,7 @@ def test_other_scripts_refuse_bad_values_before_any_work(tmp_path, data_dir, cap
     (tmp_path / "a_file").write_text("not a folder")
     out_dir = tmp_path / "out"
     checkpoint = tmp_path / "model" / "best.npy"
-    model.save_checkpoint(checkpoint, model.ThreeLayerNN(3072, 8, 10), MEAN, STD,
+    save_checkpoint(checkpoint, model.ThreeLayerNN(3072, 8, 10), MEAN, STD,
                           data_loader.CLASS_NAMES, {})
     monkeypatch.setattr(ht, "catch_interrupts", lambda: None)  # keep pytest's Ctrl-C
     base, main = {
@@ -533,7 +535,7 @@ def test_other_scripts_refuse_bad_values_before_any_work(tmp_path, data_dir, cap
 
 def test_usage_and_run_time_errors_from_the_real_command_lines(tmp_path, data_dir):
     checkpoint = tmp_path / "best.npy"
-    model.save_checkpoint(checkpoint, model.ThreeLayerNN(3072, 8, 10), MEAN, STD,
+    save_checkpoint(checkpoint, model.ThreeLayerNN(3072, 8, 10), MEAN, STD,
                           data_loader.CLASS_NAMES, {})
     cases = [
         ("train", ["--lr", "0"], 2),
@@ -596,7 +598,7 @@ def png_header(width, height):
 ])
 def test_files_that_are_not_images_are_one_clear_error(tmp_path, capsys, content, message):
     checkpoint = tmp_path / "best.npy"
-    model.save_checkpoint(checkpoint, model.ThreeLayerNN(3072, 8, 10), MEAN, STD,
+    save_checkpoint(checkpoint, model.ThreeLayerNN(3072, 8, 10), MEAN, STD,
                           data_loader.CLASS_NAMES, {})
     path = tmp_path / "picture.png"
     if content == "folder":
@@ -613,7 +615,7 @@ def test_files_that_are_not_images_are_one_clear_error(tmp_path, capsys, content
 def test_an_image_past_the_pixel_limit_is_refused_without_a_warning(tmp_path):
     """In a real process, where PIL's DecompressionBombWarning would print two more lines."""
     checkpoint = tmp_path / "best.npy"
-    model.save_checkpoint(checkpoint, model.ThreeLayerNN(3072, 8, 10), MEAN, STD,
+    save_checkpoint(checkpoint, model.ThreeLayerNN(3072, 8, 10), MEAN, STD,
                           data_loader.CLASS_NAMES, {})
     path = tmp_path / "huge.png"
     path.write_bytes(png_header(10_000, 10_000))
@@ -684,7 +686,7 @@ def fuzz_dir(tmp_path_factory):
 
 def checked_load_checkpoint(path):
     """load_checkpoint, and on success the invariants every loaded network keeps."""
-    net, meta = model.load_checkpoint(path)
+    net, meta = load_checkpoint(path)
     assert net.w1.shape[0] == len(meta["mean"]) == len(meta["std"])
     assert net.w3.shape[1] == len(meta["class_names"]) > 0
     assert all(np.isfinite(p).all() for p in net.params.values()) and (meta["std"] > 0).all()
@@ -692,7 +694,7 @@ def checked_load_checkpoint(path):
 
 
 def checked_read_batch(path):
-    data, labels = data_loader.read_batch(path)
+    data, labels = cifar10.read_batch(path)
     assert data.dtype == np.uint8 and data.shape[1] == 3072 and len(data) == len(labels)
     assert labels.dtype == np.int64 and 0 <= labels.min() and labels.max() < 10
     return data, labels
@@ -819,14 +821,14 @@ def write(folder, name, data):
     [b"", b"PK\x03\x04", b"PK\x05\x06", b"\x93NUMPY\x01\x00", b"\x93NUMPY\x03\x00"]))
 def test_fuzz_checkpoint_loader_random_bytes(fuzz_dir, data, prefix):
     path = write(fuzz_dir, "random.npy", prefix + data)
-    assert guarded(model.load_checkpoint, path, model.CheckpointError) is None
+    assert guarded(load_checkpoint, path, CheckpointError) is None
 
 
 @FUZZ
 @given(st.data())
 def test_fuzz_checkpoint_loader_mutated_file(fuzz_dir, data):
     path = write(fuzz_dir, "mutated.npy", mutate(VALID_CHECKPOINT, data.draw))
-    guarded(checked_load_checkpoint, path, model.CheckpointError)
+    guarded(checked_load_checkpoint, path, CheckpointError)
 
 
 @FUZZ
@@ -838,14 +840,14 @@ def test_fuzz_checkpoint_loader_mutated_member(fuzz_dir, data):
     name = data.draw(st.sampled_from(sorted(members)))
     members[name] = mutate(members[name], data.draw)
     path = write(fuzz_dir, "member.npy", npz_bytes(members))
-    guarded(checked_load_checkpoint, path, model.CheckpointError)
+    guarded(checked_load_checkpoint, path, CheckpointError)
 
 
 @FUZZ
 @given(damaged_arrays(), st.sampled_from([zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED]))
 def test_fuzz_checkpoint_loader_damaged_arrays(fuzz_dir, arrays, compression):
     path = write(fuzz_dir, "damaged.npy", npz_bytes(arrays, compression))
-    guarded(checked_load_checkpoint, path, model.CheckpointError)
+    guarded(checked_load_checkpoint, path, CheckpointError)
 
 
 def test_checkpoint_loader_never_unpickles(fuzz_dir):
@@ -853,8 +855,8 @@ def test_checkpoint_loader_never_unpickles(fuzz_dir):
     arrays = {**VALID_ARRAYS, "w1": np.array([RunsCode()], dtype=object)}
     for data in (npz_bytes(arrays), npy_bytes(np.array([RunsCode()], dtype=object))):
         path = write(fuzz_dir, "pickled.npy", data)
-        with pytest.raises(model.CheckpointError, match="not a readable checkpoint"):
-            guarded(model.load_checkpoint, path, ())
+        with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+            guarded(load_checkpoint, path, ())
     pickle.loads(pickle.dumps(RunsCode()))  # the payload is live: plain pickle runs it
     assert MARKER.exists()
     MARKER.unlink()
@@ -926,7 +928,7 @@ def test_fuzz_batch_unpickler_opcode_programs(fuzz_dir, protocol, program, wrap)
 @given(st.binary(max_size=4096))
 def test_fuzz_batch_unpickler_random_bytes(fuzz_dir, data):
     path = write(fuzz_dir, "random_batch", data)
-    assert guarded(data_loader.read_batch, path, data_loader.DataError) is None
+    assert guarded(cifar10.read_batch, path, data_loader.DataError) is None
 
 
 VALID_BATCHES = [batch_bytes(np.arange(2 * 3072).reshape(2, 3072).astype(np.uint8), [3, 7],
@@ -954,7 +956,7 @@ def test_the_fuzzers_payloads_are_live(fuzz_dir):
     program = b"\x80\x02" + op_call("os", "system", [op_string(STRINGS[0])]) + b"."
     path = write(fuzz_dir, "control", program)
     with pytest.raises(data_loader.DataError, match="posix.system|os.system"):
-        guarded(data_loader.read_batch, path, ())
+        guarded(cifar10.read_batch, path, ())
     pickle.loads(program)
     assert MARKER.exists()
     MARKER.unlink()

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import model
+import checkpoint
 import train
 from conftest import ROOT, make_cifar_dir
 
@@ -80,7 +80,7 @@ def accuracy_line(out):
 def outcome(save_dir, out):
     """What must match the uninterrupted run: best.npy's arrays, the history without its
     timings, and the printed test accuracy."""
-    net, meta = model.load_checkpoint(Path(save_dir) / "best.npy")
+    net, meta = checkpoint.load_checkpoint(Path(save_dir) / "best.npy")
     history = json.loads((Path(save_dir) / "history.json").read_text())
     epochs = [{k: v for k, v in r.items() if k != "seconds"} for r in history["epochs"]]
     return ({**net.params, "mean": meta["mean"], "std": meta["std"]}, meta["epoch"], epochs,
@@ -173,7 +173,7 @@ def test_a_finished_run_resumed_reports_its_result(data_dir, tmp_path):
     assert_same(outcome(tmp_path, out), before)
     assert "resuming" in out and "epoch   1" not in out  # no epoch was trained again
     # The state is a checkpoint too: test.py can score the last epoch's weights.
-    net, meta = model.load_checkpoint(tmp_path / train.STATE_FILE)
+    net, meta = checkpoint.load_checkpoint(tmp_path / train.STATE_FILE)
     assert meta["run"]["epoch"] == 8 and net.hidden_size == (48, 24)
 
 

@@ -5,9 +5,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import checkpoint
 import cli
 import config as cfg
 import data_loader
+import inference
 import model
 import optim
 import train
@@ -77,7 +79,7 @@ def test_training_learns_and_writes_everything(tmp_path):
     assert set(history["epochs"][0]) == {"epoch", "train_loss", "train_acc", "val_loss",
                                         "val_acc", "lr", "tflop", "seconds"}
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    net, meta = model.load_checkpoint(tmp_path / "best.npy")
+    net, meta = checkpoint.load_checkpoint(tmp_path / "best.npy")
     assert meta["config"]["hidden_size"] == [32, 16] and meta["epoch"] == result["best_epoch"]
 
 
@@ -89,9 +91,9 @@ def test_checkpoint_holds_the_best_epoch_not_the_last(tmp_path, monkeypatch):
                          progress=False)
     accs = [r["val_acc"] for r in result["history"]]
     assert result["best_epoch"] == 1 + int(np.argmax(accs)) <= 2 and accs[-1] < max(accs)
-    net, meta = model.load_checkpoint(tmp_path / "best.npy")
+    net, meta = checkpoint.load_checkpoint(tmp_path / "best.npy")
     _, _, x_val, y_val = train.data_loader.split_validation(data[0], data[1], 100, 0)
-    loss, acc = train.evaluate(net, x_val, y_val, meta["prep"])
+    loss, acc = inference.evaluate(net, x_val, y_val, meta["prep"])
     assert acc == max(accs) and meta["epoch"] == result["best_epoch"]
 
 
@@ -124,7 +126,7 @@ def test_early_stopping_and_interruption_keep_the_best(tmp_path, monkeypatch):
     result = train.train(small_config(tmp_path / "b"), synthetic_data(), on_epoch=interrupt,
                          progress=False)
     assert result["stopped"] == "interrupted" and result["epochs_run"] == 2
-    model.load_checkpoint(tmp_path / "b" / "best.npy")
+    checkpoint.load_checkpoint(tmp_path / "b" / "best.npy")
 
 
 def test_batch_larger_than_the_data_is_refused(tmp_path):
@@ -142,7 +144,7 @@ def test_same_numbers_as_the_stored_short_run(tmp_path):
     for got, want in zip(result["history"], golden["epochs"], strict=True):
         assert {k: got[k] for k in want} == pytest.approx(want, rel=1e-9)
     assert (result["test_acc"], result["best_epoch"]) == (golden["test_acc"], golden["best_epoch"])
-    net, _ = model.load_checkpoint(tmp_path / "best.npy")
+    net, _ = checkpoint.load_checkpoint(tmp_path / "best.npy")
     sums = {k: float(np.abs(v).sum()) for k, v in net.params.items()}
     assert sums == pytest.approx(golden["weight_sums"], rel=1e-9)
 
@@ -241,9 +243,9 @@ def test_a_state_from_another_version_names_the_options_that_differ(tmp_path):
     older = {k: v for k, v in config.items() if k != "whiten_eps"}
     older["lr_min\x1b[2J"] = 0.0  # an option this version lacks (its name escaped when shown)
     path = tmp_path / train.STATE_FILE
-    train.save_state(path, net, optimizer, np.random.default_rng(0), prep, older, train.new_run())
+    checkpoint.save_state(path, net, optimizer, np.random.default_rng(0), prep, older, checkpoint.new_run())
     with pytest.raises(cli.UsageError) as refused:
-        train.load_state(path, config, net, optimizer, np.random.default_rng(0), prep)
+        checkpoint.load_state(path, config, net, optimizer, np.random.default_rng(0), prep)
     message = str(refused.value)
     assert "--lr-min\\x1b[2J 0.0 (no such option in this version)" in message, message
     assert "--whiten-eps (not in the state: saved by another version)" in message, message

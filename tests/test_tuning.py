@@ -23,9 +23,12 @@ import numpy as np
 import optuna
 import pytest
 
+import checkpoint
 import cli
+import files
 import hyperparam_tuning as ht
-import model
+import search_space
+import study_storage
 import utils
 from conftest import CLASS_NAMES, FOLDER, TRAIN_FILES, batch_bytes
 
@@ -95,7 +98,7 @@ def load_trials(storage, name="search"):
 
 
 def combinations(space_items):
-    return [tuple(sorted(c.items())) for c in ht.grid(ht.parse_space(space_items))]
+    return [tuple(sorted(c.items())) for c in search_space.grid(search_space.parse_space(space_items))]
 
 
 def assert_grid_once(trials, space_items):
@@ -109,16 +112,16 @@ def assert_grid_once(trials, space_items):
 
 
 def test_space_items_are_typed_like_the_defaults():
-    space = ht.parse_space(["lr=0.01,0.05", "hidden-size=256,512x256", "flip=true,no",
+    space = search_space.parse_space(["lr=0.01,0.05", "hidden-size=256,512x256", "flip=true,no",
                             "reg_lambda=1e-4:1e-2:log", "epochs=2:5", "activation=relu"])
     assert space["lr"] == {"choices": [0.01, 0.05]}
     assert space["hidden_size"] == {"choices": ["256x256", "512x256"]}
     assert space["flip"] == {"choices": [True, False]}
     assert space["reg"] == {"low": 1e-4, "high": 1e-2, "log": True, "int": False}
     assert space["epochs"] == {"low": 2, "high": 5, "log": False, "int": True}
-    assert ht.config_values({"hidden_size": "512x256"})["hidden_size"] == [512, 256]
-    assert ht.config_values({"hidden_size": 64})["hidden_size"] == [64, 64]
-    assert len(ht.grid({k: space[k] for k in ("lr", "hidden_size", "flip")})) == 8
+    assert search_space.config_values({"hidden_size": "512x256"})["hidden_size"] == [512, 256]
+    assert search_space.config_values({"hidden_size": 64})["hidden_size"] == [64, 64]
+    assert len(search_space.grid({k: space[k] for k in ("lr", "hidden_size", "flip")})) == 8
 
 
 def test_space_file_and_items_combine(tmp_path):
@@ -126,7 +129,7 @@ def test_space_file_and_items_combine(tmp_path):
     path.write_text(json.dumps({"lr": [0.01, 0.05], "hidden_size": [256, [512, 256]],
                                 "reg": {"low": 1e-5, "high": 1e-3, "log": True},
                                 "activation": "relu,tanh"}))
-    space = ht.load_space_file(path)
+    space = search_space.load_space_file(path)
     assert space["hidden_size"] == {"choices": ["256x256", "512x256"]}
     assert space["reg"]["log"] and space["activation"] == {"choices": ["relu", "tanh"]}
     args = ht.build_parser().parse_args(["--space-file", str(path), "--space", "lr=0.1",
@@ -137,9 +140,9 @@ def test_space_file_and_items_combine(tmp_path):
 def test_default_space_is_a_small_grid_close_to_the_report():
     plan = ht.make_plan(ht.build_parser().parse_args([]))
     assert list(plan["space"]) == ["lr", "hidden_size", "reg", "activation"]
-    assert len(ht.grid(plan["space"])) == 16 and plan["n_trials"] is None
+    assert len(search_space.grid(plan["space"])) == 16 and plan["n_trials"] is None
     step = ht.make_plan(ht.build_parser().parse_args(["--lr-schedule", "step"]))
-    assert "lr_decay" in step["space"] and len(ht.grid(step["space"])) == 32
+    assert "lr_decay" in step["space"] and len(search_space.grid(step["space"])) == 32
     fixed = ht.make_plan(ht.build_parser().parse_args(["--activation", "tanh"]))
     assert "activation" not in fixed["space"] and fixed["base"]["activation"] == "tanh"
 
@@ -192,7 +195,7 @@ def test_a_storage_password_is_never_shown(password):
     import sqlalchemy
     url = f"postgresql+psycopg2://user:{password}@host:5432/db"
     assert sqlalchemy.engine.make_url(url).password == password
-    assert ht.where(url) == "postgresql+psycopg2://user:***@host:5432/db"
+    assert study_storage.where(url) == "postgresql+psycopg2://user:***@host:5432/db"
 
 
 @pytest.mark.parametrize("content,message", [
@@ -236,7 +239,7 @@ def test_grid_runs_each_combination_once_and_writes_everything(tmp_path, data_di
                                         "activation", "lr_decay"}
     assert best["best_val_acc"] == max(t.value for t in trials) > 0.5
     assert (out / "best.npy").read_bytes() == open(best["trial_checkpoint"], "rb").read()
-    net, meta = model.load_checkpoint(str(out / "best.npy"))
+    net, meta = checkpoint.load_checkpoint(str(out / "best.npy"))
     assert meta["config"]["lr"] == best["best_params"]["learning_rate"]
     for name in ("optimization_history.png", "param_importance.png",
                  "val_acc_lr_hidden_size.png"):  # what varied; reg was not searched
@@ -600,10 +603,10 @@ def test_a_journal_named_through_a_symlink_shares_its_claim_lock_and_tokens(tmp_
     and see each other's workers alive: else each takes every grid point and fails the
     other's running trials as dead, over and over."""
     journal, link = tmp_path / "study.journal", tmp_path / "link.journal"
-    real = ht.JournalStore(str(journal))
+    real = study_storage.JournalStore(str(journal))
     link.symlink_to(journal)
-    linked, token = ht.JournalStore(str(link)), uuid.uuid4().hex
-    with real.lock(ht.CLAIM), linked.lock(ht.CLAIM, wait=False) as free:
+    linked, token = study_storage.JournalStore(str(link)), uuid.uuid4().hex
+    with real.lock(study_storage.CLAIM), linked.lock(study_storage.CLAIM, wait=False) as free:
         assert not free, "the claim lock taken twice at once"
     with real.lock(token), linked.lock(token, wait=False) as free:
         assert not free, "a live worker taken for dead"
@@ -612,7 +615,7 @@ def test_a_journal_named_through_a_symlink_shares_its_claim_lock_and_tokens(tmp_
 def test_a_journal_lock_left_held_by_a_signal_does_not_hang_its_own_process(tmp_path):
     """A signal between Optuna's acquire and release leaves the journal's write lock held;
     the same process's next write (recording its trial as interrupted) must still go on."""
-    store = ht.JournalStore(str(tmp_path / "study.journal"))
+    store = study_storage.JournalStore(str(tmp_path / "study.journal"))
     assert store.acquire()  # and never released, as after a signal at the wrong moment
     done = []
     writer = threading.Thread(target=lambda: done.append(store.acquire()), daemon=True)
@@ -626,11 +629,11 @@ def test_token_files_of_dead_workers_are_swept_and_live_ones_kept(tmp_path):
     """A kill -9 leaves a worker's (empty, unlocked) token file behind; the next store opened
     on the journal removes it, and never the token of a worker still alive."""
     journal, workers = str(tmp_path / "study.journal"), tmp_path / "study.journal.workers"
-    store = ht.JournalStore(journal)
+    store = study_storage.JournalStore(journal)
     live, dead = uuid.uuid4().hex, uuid.uuid4().hex
     with store.lock(live):
         (workers / dead).touch()  # what a killed worker leaves
-        ht.JournalStore(journal)
+        study_storage.JournalStore(journal)
         assert sorted(p.name for p in workers.iterdir()) == [live]
     assert not any(workers.iterdir())
 
@@ -638,7 +641,7 @@ def test_token_files_of_dead_workers_are_swept_and_live_ones_kept(tmp_path):
 def test_a_full_disk_leaves_the_trial_to_run_again(tmp_path, data_dir, monkeypatch):
     """ENOSPC on curves.png (with a good checkpoint) is the machine's fault, not the trial's."""
     items, out = ["lr=0.05,0.02"], tmp_path / "out"
-    real_write, hit = cli.atomic_write, []
+    real_write, hit = files.atomic_write, []
 
     @contextlib.contextmanager
     def full_disk(path, mode="wb"):
@@ -649,7 +652,7 @@ def test_a_full_disk_leaves_the_trial_to_run_again(tmp_path, data_dir, monkeypat
         with real_write(path, mode) as f:
             yield f
 
-    monkeypatch.setattr(cli, "atomic_write", full_disk)
+    monkeypatch.setattr(files, "atomic_write", full_disk)
     with pytest.raises(cli.Error, match="trial 0 stopped: .*No space left on device.*rerun"):
         search(out, data_dir, "--space", *items, monkeypatch=monkeypatch)
     first = load_trials(str(out / "study.journal"))[0]
@@ -705,7 +708,7 @@ def test_best_npy_comes_only_from_the_study_s_own_trial_folders(tmp_path, data_d
     (out / "trial_0" / "best.npy").write_text("not a checkpoint either")
     search(out, data_dir, "--space", "lr=0.05", monkeypatch=monkeypatch)
     assert "note: no best.npy here" in capsys.readouterr().out
-    assert not (out / "best.npy").exists() or model.load_checkpoint(str(out / "best.npy"))
+    assert not (out / "best.npy").exists() or checkpoint.load_checkpoint(str(out / "best.npy"))
     assert (out / "best.npy").read_bytes() != secret.read_bytes()
     assert json.loads((out / "best_result.json").read_text())["checkpoint"] is None
 

@@ -1,0 +1,482 @@
+"""The CIFAR-10 files: fetched, verified and extracted safely, and read without trusting pickle.
+
+    folder = fetch("data")                       # data/cifar-10-batches-py, downloaded if needed
+    train_x, train_y, test_x, test_y = read_folder(folder)
+
+Images are uint8 rows of 3072 values in the official order (the red plane, then green,
+then blue; each plane 32 rows of 32 pixels); labels are int64 class indices 0-9. Every
+limit on what a file may say is checked before it is decompressed, extracted or unpickled.
+"""
+import contextlib
+import errno
+import hashlib
+import io
+import math
+import os
+import pickle
+import shutil
+import stat
+import tarfile
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import zlib
+
+import numpy as np
+from tqdm import tqdm
+
+import cli
+import files
+
+
+URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+MD5 = "c58f30108f718f92721af3b95e74349a"
+ARCHIVE = "cifar-10-python.tar.gz"
+FOLDER = "cifar-10-batches-py"
+TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
+TEST_FILE = "test_batch"
+IMAGE_SHAPE = (3, 32, 32)  # channels, rows, columns
+PIXELS = 3 * 32 * 32
+CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer",
+               "dog", "frog", "horse", "ship", "truck"]
+N_CLASSES = len(CLASS_NAMES)
+
+TIMEOUT = 30  # seconds to connect, and to wait for each read of the download
+CHUNK = 1 << 20
+PART_PREFIX = "." + ARCHIVE + "."  # unfinished downloads: hidden, and never named ARCHIVE
+PART_SUFFIX = ".part"
+EXTRACT_PREFIX = ".cifar-10-extract-"
+STALE_SECONDS = 3600  # leftovers of a killed run older than this are deleted
+MEMBERS = TRAIN_FILES + [TEST_FILE, "batches.meta", "readme.html"]  # all that is extracted
+MAX_MEMBER_BYTES = 40 << 20  # each member of the archive: a real batch is 31 MB
+MAX_MEMBERS = 64  # the official archive has 9
+MAX_TAR_HEADER_BYTES = 64 << 10  # long names and pax records, which tarfile holds in memory
+MAX_DOWNLOAD_BYTES = 2 * 170_498_071  # twice the official archive
+
+
+class DataError(cli.Error):
+    """CIFAR-10 cannot be obtained or read: a bad file, a failed download, a refused archive.
+
+    The message is escaped for the terminal: the paths, names and URLs it quotes may not be."""
+
+    def __init__(self, message):
+        super().__init__(cli.shown(message))
+
+
+
+def fetch(data_dir="data", url=None, md5=None, progress=True):
+    """The path of data_dir/cifar-10-batches-py, downloaded and extracted there if needed.
+
+    Uses that folder if present, else data_dir/cifar-10-python.tar.gz, else downloads the
+    archive from `url` (default: $CIFAR10_URL, else the official URL). The archive must have
+    MD5 `md5` (default: $CIFAR10_MD5, else the official archive's checksum).
+    """
+    folder = os.path.join(data_dir, FOLDER)
+    if not _is_folder(folder):
+        url = url or os.environ.get("CIFAR10_URL") or URL
+        md5 = _check_md5_text(md5 or os.environ.get("CIFAR10_MD5") or MD5)
+        archive = os.path.join(data_dir, ARCHIVE)
+        try:
+            os.makedirs(data_dir, exist_ok=True)
+        except OSError as exc:
+            raise DataError(f"cannot create the data folder {data_dir}: "
+                            f"{exc.strerror or exc}") from None
+        _remove_stale(data_dir)
+        if os.path.isfile(archive):
+            _verify(archive, md5)
+        else:
+            download(url, archive, md5, progress)
+        extract(archive, data_dir)
+    return folder
+
+
+def _is_folder(folder):
+    """Whether `folder` exists (then it must be a readable folder); refuses what would
+    otherwise be mistaken for a missing folder and start a download."""
+    try:
+        info = os.stat(folder)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise DataError(f"cannot open the data folder {folder}: "
+                        f"{exc.strerror or exc}") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise DataError(f"{folder} is a file, not a folder: move or delete it (the "
+                        f"CIFAR-10 batches belong inside a folder of that name)")
+    if not os.access(folder, os.R_OK | os.X_OK):
+        raise DataError(f"cannot read the data folder {folder}: permission denied")
+    return True
+
+
+def _check_md5_text(md5):
+    md5 = md5.strip().lower()
+    if len(md5) != 32 or any(c not in "0123456789abcdef" for c in md5):
+        raise DataError(f"an MD5 checksum is 32 hex digits, got {md5!r} (argument or CIFAR10_MD5)")
+    return md5
+
+
+def _verify(archive, md5):
+    """Refuse an archive found on disk whose checksum is not the expected one."""
+    digest = hashlib.md5()
+    try:
+        with open(archive, "rb") as f:
+            while chunk := f.read(CHUNK):
+                digest.update(chunk)
+    except OSError as exc:
+        raise DataError(f"cannot read {archive}: {exc.strerror or exc}") from None
+    if digest.hexdigest() != md5:
+        raise DataError(f"{archive} has MD5 {digest.hexdigest()}, expected {md5}: it is damaged or "
+                        f"another file; delete it to download again, or set CIFAR10_MD5 to its "
+                        f"checksum if it is an archive you trust")
+
+
+def download(url, archive, md5, progress=True):
+    """Download `url` to `archive` through a temporary file that becomes `archive` only once
+    its MD5 matches: an interrupted or corrupt download leaves nothing behind."""
+    fd, part = tempfile.mkstemp(dir=os.path.dirname(archive) or ".", prefix=PART_PREFIX,
+                                suffix=PART_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            digest = _fetch(url, f, archive, progress)
+            f.flush()
+            os.fsync(f.fileno())
+        if digest != md5:
+            raise DataError(f"the download from {url} has MD5 {digest}, expected {md5}, and was "
+                            f"discarded; if {url} serves a different archive you trust, set "
+                            f"CIFAR10_MD5 to its checksum")
+        os.replace(part, archive)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(part)
+        raise
+
+
+def _fetch(url, f, archive, progress):
+    """Stream `url` into file `f`; return the MD5 hex digest of what arrived."""
+    digest, received, expected = hashlib.md5(), 0, None
+    try:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme == "file":  # a FIFO or a device would block or never end
+            files.open_regular(urllib.request.url2pathname(parts.path)).close()
+        # urlopen verifies TLS certificates with the default SSL context.
+        with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
+            expected = int(response.headers.get("Content-Length") or 0) or None
+            if (expected or 0) > MAX_DOWNLOAD_BYTES:
+                raise _too_large(url)
+            with tqdm(total=expected, unit="B", unit_scale=True, unit_divisor=1024,
+                      desc="downloading CIFAR-10", disable=not progress, leave=False) as bar:
+                while chunk := response.read(CHUNK):
+                    received += len(chunk)
+                    if received > MAX_DOWNLOAD_BYTES:
+                        raise _too_large(url)
+                    f.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+    except (OSError, ValueError) as exc:  # URLError, HTTPError and timeouts are OSErrors
+        reason = exc if isinstance(exc, urllib.error.HTTPError) else getattr(exc, "reason", exc)
+        raise DataError(f"cannot download CIFAR-10 from {url} ({reason}); download {URL} by "
+                        f"hand and put it at {archive}, or set CIFAR10_URL to a mirror") from None
+    if expected is not None and received != expected:
+        raise DataError(f"the download from {url} stopped after {received} of {expected} bytes "
+                        f"and was discarded; run again to retry")
+    return digest.hexdigest()
+
+
+def _too_large(url):
+    return DataError(f"the download from {url} is larger than {MAX_DOWNLOAD_BYTES} "
+                     f"bytes (twice the CIFAR-10 archive) and was stopped and discarded: it is "
+                     f"not the CIFAR-10 python archive")
+
+
+def extract(archive, data_dir):
+    """Extract the CIFAR-10 files of `archive`'s cifar-10-batches-py folder into `data_dir`,
+    each at most MAX_MEMBER_BYTES, refusing members that could land outside it and skipping
+    any other; the folder appears only once complete."""
+    target = os.path.join(data_dir, FOLDER)
+    tmp = tempfile.mkdtemp(dir=data_dir, prefix=EXTRACT_PREFIX)
+    extracted = os.path.join(tmp, FOLDER)
+    os.mkdir(extracted)
+    try:
+        with tarfile.open(archive, "r:gz", tarinfo=_BoundedTarInfo) as tar:
+            for count, member in enumerate(tar, 1):  # one pass: check each before it is written
+                if count > MAX_MEMBERS:
+                    raise DataError(f"refused {archive}: more than {MAX_MEMBERS} "
+                                    f"members, and CIFAR-10 has 9")
+                _check_member(member, tmp, archive)
+                if member.size > MAX_MEMBER_BYTES:  # refused, even skipped, before it is read
+                    raise DataError(f"refused {archive}: member {member.name!r} has "
+                                    f"{member.size} bytes, more than the {MAX_MEMBER_BYTES} a "
+                                    f"CIFAR-10 file may have (a real batch is 31 MB)")
+                folder, _, name = member.name.rstrip("/").partition("/")
+                if member.isfile() and folder == FOLDER and name in MEMBERS:
+                    _copy_member(tar, member, os.path.join(extracted, name), archive)
+        for name in TRAIN_FILES + [TEST_FILE]:
+            if not os.path.isfile(os.path.join(extracted, name)):
+                raise DataError(f"{archive} holds no {FOLDER}/{name}: it is not the "
+                                f"CIFAR-10 python archive; delete it to download again")
+        try:
+            os.rename(extracted, target)
+        except OSError:
+            if not os.path.isdir(target):  # else a concurrent run put it there first
+                raise
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+        raise DataError(f"cannot extract {archive} ({exc}); delete it to "
+                        f"download again") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A tar header whose extended headers (long names, pax records), which tarfile reads whole
+    into memory, may be at most MAX_TAR_HEADER_BYTES; sparse files are refused."""
+
+    def _proc_member(self, tarfile_):
+        extended = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
+                    tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
+        if self.type == tarfile.GNUTYPE_SPARSE or (self.type in extended
+                                                   and self.size > MAX_TAR_HEADER_BYTES):
+            raise DataError(f"refused {tarfile_.name}: a sparse member or an "
+                            f"extended header of {self.size} bytes, which CIFAR-10 does not have")
+        return super()._proc_member(tarfile_)
+
+
+def _copy_member(tar, member, path, archive):
+    """Write one archive member to the new file `path`, counting bytes instead of trusting
+    the member's header: more than MAX_MEMBER_BYTES refuses the archive."""
+    refused = DataError(f"refused {archive}: member {member.name!r} is larger than "
+                        f"the {MAX_MEMBER_BYTES} bytes a CIFAR-10 file may have (a real batch "
+                        f"is 31 MB)")
+    written = 0
+    with tar.extractfile(member) as source, open(path, "xb") as out:  # "x": a duplicate fails
+        while chunk := source.read(CHUNK):
+            written += len(chunk)
+            if written > MAX_MEMBER_BYTES:
+                raise refused
+            out.write(chunk)
+
+
+def _check_member(member, root, archive):
+    """Admit only regular files and folders whose path stays inside `root`."""
+    name = member.name
+    root = os.path.realpath(root)
+    path = os.path.realpath(os.path.join(root, name))
+    if (os.path.isabs(name) or ".." in name.replace("\\", "/").split("/")
+            or os.path.commonpath([root, path]) != root):
+        raise DataError(f"refused {archive}: member {name!r} would land outside the target folder")
+    if not (member.isfile() or member.isdir()):
+        kind = "link" if member.issym() or member.islnk() else "special file"
+        raise DataError(f"refused {archive}: member {name!r} is a {kind}, and CIFAR-10 holds "
+                        f"only regular files")
+
+
+def _remove_stale(data_dir):
+    """Delete partial downloads and extractions left by a killed run (they are never read)."""
+    now = time.time()
+    try:
+        entries = list(os.scandir(data_dir))
+    except OSError as exc:
+        raise DataError(f"cannot read the data folder {data_dir}: "
+                        f"{exc.strerror or exc}") from None
+    for entry in entries:
+        partial = entry.name.startswith(PART_PREFIX) and entry.name.endswith(PART_SUFFIX)
+        if not (partial or entry.name.startswith(EXTRACT_PREFIX)):
+            continue
+        with contextlib.suppress(OSError):
+            if now - entry.stat(follow_symlinks=False).st_mtime > STALE_SECONDS:
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:
+                    os.remove(entry.path)
+
+
+# --- reading the batch files -----------------------------------------------------------------
+
+
+# A batch pickle may name only these globals, and each resolves to an inert stand-in below:
+# nothing NumPy would build from a crafted state (object or void dtypes, odd strides, a
+# shape larger than its buffer) is ever created. Only plain integer dtypes are known.
+_DTYPE_NAMES = {"u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8"}
+_BYTE_ORDERS = {"|", "<", ">", "="}
+MAX_IMAGES = 10000  # per batch file, as CIFAR-10's
+MAX_BATCH_BYTES = 40 << 20  # a real batch file is 31 MB
+
+
+def _text(value):
+    """A str from a str, or from the bytes Python 2's str loads as."""
+    return value.decode("latin1") if isinstance(value, bytes) else value
+
+
+class _DType:
+    """What `numpy.dtype(name, align, copy)` rebuilds to: a plain integer dtype, or a refusal.
+
+    Its __setstate__ accepts only the plain state NumPy writes for such a dtype (no fields,
+    no subarray, no flags), so no crafted state reaches NumPy's dtype.__setstate__."""
+
+    def __init__(self, name, align=False, copy=True):
+        if _text(name) not in _DTYPE_NAMES:
+            raise pickle.UnpicklingError(f"dtype {name!r} refused: a batch holds uint8 images and "
+                                         f"integer labels")
+        self.dtype = np.dtype(_text(name))
+
+    def __setstate__(self, state):
+        """(version 3 or 4, byte order, None, None, None, -1, -1, 0[, None]), as NumPy writes."""
+        if not (isinstance(state, tuple) and len(state) in (8, 9) and state[0] in (3, 4)
+                and _text(state[1]) in _BYTE_ORDERS and state[2:5] == (None, None, None)
+                and state[5] in (-1, self.dtype.itemsize)
+                and state[6] in (-1, self.dtype.alignment) and state[7:] in ((0,), (0, None))):
+            raise pickle.UnpicklingError(f"a dtype with the state {state!r:.200}")
+        if _text(state[1]) in "<>":
+            self.dtype = self.dtype.newbyteorder(_text(state[1]))
+
+
+_NDARRAY = object()  # what `numpy.ndarray` resolves to: a token, callable by nobody
+
+
+class _Array:
+    """What `_reconstruct(ndarray, (0,), b'b')` followed by BUILD rebuilds to: a C-ordered
+    array of at most MAX_IMAGES x PIXELS elements, copied from a buffer of exactly its size."""
+
+    def __init__(self, subtype, shape, typecode):
+        if subtype is not _NDARRAY:
+            raise pickle.UnpicklingError("_reconstruct of something other than an ndarray")
+        self.array = None
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple) and len(state) == 5:
+            state = state[1:]  # the version number, 1
+        if not (isinstance(state, tuple) and len(state) == 4):
+            raise pickle.UnpicklingError("an ndarray state that is not (shape, dtype, order, data)")
+        shape, dtype, fortran, data = state
+        if not (isinstance(shape, tuple) and 1 <= len(shape) <= 2
+                and all(type(n) is int and n >= 0 for n in shape)
+                and math.prod(shape) <= MAX_IMAGES * PIXELS):
+            raise pickle.UnpicklingError(f"an array of shape {shape!r:.100}")
+        if not isinstance(dtype, _DType) or fortran not in (False, 0):
+            raise pickle.UnpicklingError("an array that is not a C-ordered plain integer array")
+        if not (isinstance(data, (bytes, bytearray))
+                and len(data) == math.prod(shape) * dtype.dtype.itemsize):
+            raise pickle.UnpicklingError("an array whose data does not match its shape")
+        self.array = np.frombuffer(data, dtype.dtype).reshape(shape).copy()
+
+
+def _scalar(dtype, data):
+    """What `numpy.core.multiarray.scalar(dtype, bytes)` rebuilds to: a plain Python int."""
+    if not (isinstance(dtype, _DType) and isinstance(data, bytes)
+            and len(data) == dtype.dtype.itemsize):
+        raise pickle.UnpicklingError("a NumPy scalar that is not a plain integer")
+    return int(np.frombuffer(data, dtype.dtype)[0])
+
+
+def _latin1_encode(text, encoding="latin1"):
+    """What pickles written by Python 3 with protocol 2 call to rebuild a bytes object."""
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"_codecs.encode with {encoding!r}")
+    return text.encode("latin1")
+
+
+# Everything a CIFAR-10 batch may name (the official files name numpy.core, NumPy 2 writes
+# numpy._core; labels may be NumPy ints in re-saved files); dicts, lists, str, bytes and ints
+# need no global.
+_ALLOWED = {
+    ("numpy.core.multiarray", "_reconstruct"): _Array,
+    ("numpy._core.multiarray", "_reconstruct"): _Array,
+    ("numpy.core.multiarray", "scalar"): _scalar,
+    ("numpy._core.multiarray", "scalar"): _scalar,
+    ("numpy", "ndarray"): _NDARRAY,
+    ("numpy", "dtype"): _DType,
+    ("_codecs", "encode"): _latin1_encode,
+}
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """An unpickler that builds only plain integer arrays and containers: loading a crafted
+    file can neither run code nor hand NumPy a state that corrupts memory."""
+
+    def __init__(self, file, path):
+        super().__init__(file, encoding="bytes")
+        self.path = path
+
+    def find_class(self, module, name):
+        if (module, name) not in _ALLOWED:
+            raise DataError(f"{self.path} is not a CIFAR-10 batch: it names "
+                            f"{module}.{name}, which was refused (a batch "
+                            f"holds only NumPy arrays and lists)")
+        return _ALLOWED[module, name]
+
+
+def _unwrap(value):
+    """The array an _Array stand-in holds (None if never filled); other values as they are."""
+    return value.array if isinstance(value, _Array) else value
+
+
+def read_batch(path):
+    """The images (uint8, (N, 3072), N <= 10000) and labels (int64, (N,)) of one batch file,
+    checked; the file must be a regular file of at most MAX_BATCH_BYTES."""
+    try:
+        with files.open_regular(path, MAX_BATCH_BYTES) as f:
+            raw = f.read(MAX_BATCH_BYTES + 1)  # the file may grow after the size check
+        if len(raw) > MAX_BATCH_BYTES:
+            raise OSError(errno.EFBIG, f"more than the {MAX_BATCH_BYTES} bytes it may hold")
+        batch = _BatchUnpickler(io.BytesIO(raw), path).load()
+        del raw
+    except DataError:
+        raise
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}; put the CIFAR-10 "
+                        f"python batches there or delete its folder to download them "
+                        f"again") from None
+    except Exception as exc:  # any parse failure or refusal means a damaged or crafted file
+        raise DataError(f"{path} is damaged or not a CIFAR-10 batch "
+                        f"({type(exc).__name__}: {exc}); delete its folder to "
+                        f"download again") from None
+    if not isinstance(batch, dict):
+        raise DataError(f"{path} is not a CIFAR-10 batch: it holds a "
+                        f"{type(batch).__name__}")
+    batch = {_text(k): _unwrap(v) for k, v in batch.items() if isinstance(k, (str, bytes))}
+    return _check_batch(path, batch.get("data"), batch.get("labels"))
+
+
+def _check_batch(path, data, labels):
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
+            and data.shape[1] == PIXELS and len(data)):
+        described = (f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray)
+                     else type(data).__name__)
+        raise DataError(f"{path}: 'data' should be a uint8 array of shape (N, {PIXELS}), "
+                        f"got {described}")
+    try:
+        labels = np.asarray(labels)
+    except Exception:  # ragged or odd objects
+        labels = np.asarray([None])
+    if labels.dtype.kind not in "iu" or labels.shape != (len(data),):
+        raise DataError(f"{path}: 'labels' should be {len(data)} integers, got "
+                        f"{labels.dtype} values of shape {labels.shape}")
+    if labels.min() < 0 or labels.max() >= N_CLASSES:
+        raise DataError(f"{path}: labels must lie in 0-{N_CLASSES - 1}, found "
+                        f"{labels.min()} to {labels.max()}")
+    return data, labels.astype(np.int64)
+
+
+def read_folder(folder):
+    """The four arrays of a cifar-10-batches-py folder (see `load_data`)."""
+    return (*_read_batches(folder, TRAIN_FILES), *_read_batches(folder, [TEST_FILE]))
+
+
+def _read_batches(folder, names):
+    """Concatenate batch files into one preallocated array, one batch in memory at a time."""
+    images = labels = None
+    for i, name in enumerate(names):
+        path = os.path.join(folder, name)
+        data, y = read_batch(path)
+        if images is None:
+            n, first = len(y), path
+            images = np.empty((n * len(names), PIXELS), np.uint8)
+            labels = np.empty(n * len(names), np.int64)
+        elif len(y) != n:
+            raise DataError(f"{path} holds {len(y)} images but {first} holds {n}: the batch "
+                            f"files of {folder} do not belong together")
+        images[i * n:(i + 1) * n] = data
+        labels[i * n:(i + 1) * n] = y
+        del data  # frees the batch (and the pickle's buffer) before the next one is read
+    return images, labels
