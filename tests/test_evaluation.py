@@ -11,7 +11,6 @@ import pytest
 from PIL import Image
 
 import cli
-import config as cfg
 import data_loader
 import model
 import utils

@@ -12,7 +12,6 @@ import os
 import pickle
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -32,7 +31,7 @@ import cli
 import data_loader
 import model
 import utils
-from conftest import load_script, make_archive, make_cifar_dir
+from conftest import load_script, make_cifar_dir
 
 try:
     from numpy._core.multiarray import _reconstruct

@@ -1,11 +1,9 @@
-"""ThreeLayerNN: gradients checked against finite differences, losses, checkpoints."""
+"""ThreeLayerNN: gradients checked against finite differences, losses, learning."""
 import numpy as np
 import pytest
 
-import checkpoint
 import cli
 import model
-from checkpoint import load_checkpoint, save_checkpoint
 from model import ACTIVATIONS, ThreeLayerNN
 
 
@@ -117,68 +115,6 @@ def test_init_suits_activation_and_is_seeded():
 def test_unknown_activation_lists_the_choices():
     with pytest.raises(cli.Error, match="relu.*tanh"):
         ThreeLayerNN(4, 3, 2, "swish2")
-
-
-def save_tiny(path, net=None):
-    net = net or ThreeLayerNN(12, (5, 4), 3, "tanh", seed=1)
-    mean, std = np.arange(12, dtype=np.float32), np.ones(12, np.float32)
-    save_checkpoint(path, net, mean, std, ["a", "b", "c"], {"lr": 0.1}, epoch=3, val_acc=0.5)
-    return net
-
-
-def test_checkpoint_round_trip(tmp_path):
-    path = tmp_path / "best.npy"
-    net = save_tiny(path)
-    loaded, meta = load_checkpoint(path)
-    x = np.random.default_rng(0).normal(size=(20, 12)).astype(np.float32)
-    assert np.array_equal(loaded.predict(x), net.predict(x))
-    assert np.array_equal(loaded.forward(x), net.forward(x))
-    assert (loaded.activation, loaded.hidden_size) == ("tanh", (5, 4))
-    assert meta["class_names"] == ["a", "b", "c"] and meta["config"] == {"lr": 0.1}
-    assert meta["epoch"] == 3 and np.array_equal(meta["mean"], np.arange(12))
-    assert [p.name for p in tmp_path.iterdir()] == ["best.npy"]  # no temporary left
-
-
-def corrupt(path, **arrays):
-    """Rewrite a saved checkpoint with some arrays replaced (None removes one)."""
-    with np.load(path) as f:
-        data = {k: f[k] for k in f.files}
-    data.update(arrays)
-    with open(path, "wb") as f:
-        np.savez(f, **{k: v for k, v in data.items() if v is not None})
-
-
-@pytest.mark.parametrize("change,message", [
-    (dict(w2=np.zeros((6, 4), np.float32)), "do not chain"),
-    (dict(w1=np.zeros((12, 5), np.int64)), "dtype"),
-    (dict(b3=None), "missing b3"),
-    (dict(w3=np.full((4, 3), np.nan, np.float32)), "NaN"),
-    (dict(std=np.zeros(12, np.float32)), "std"),
-    (dict(meta=np.array("{not json")), "metadata"),
-    (dict(meta=np.array('{"activation": "evil", "class_names": ["a", "b", "c"]}')), "activation"),
-    (dict(w1=np.array([{"a": 1}], dtype=object)), "not a readable checkpoint"),
-])
-def test_bad_checkpoints_give_clear_errors(tmp_path, change, message):
-    path = tmp_path / "best.npy"
-    save_tiny(path)
-    corrupt(path, **change)
-    with pytest.raises(checkpoint.CheckpointError, match=message):
-        load_checkpoint(path)
-
-
-def test_truncated_missing_and_foreign_files(tmp_path):
-    path = tmp_path / "best.npy"
-    save_tiny(path)
-    data = path.read_bytes()
-    for size in (0, 10, len(data) // 2, len(data) - 30):
-        path.write_bytes(data[:size])
-        with pytest.raises(checkpoint.CheckpointError):
-            load_checkpoint(path)
-    with pytest.raises(checkpoint.CheckpointError, match="no model"):
-        load_checkpoint(tmp_path / "absent.npy")
-    np.save(tmp_path / "plain.npy", np.zeros(3))
-    with pytest.raises(checkpoint.CheckpointError, match="single array"):
-        load_checkpoint(tmp_path / "plain.npy")
 
 
 def test_learns_a_small_problem_well_above_chance():

@@ -8,8 +8,8 @@
 - fuzzing (hypothesis) of the checkpoint loader and the batch unpickler: only the project's
   own errors escape, and an audit hook and a marker file show that no code ran.
 
-Related guarantees tested elsewhere: bad checkpoints (test_model.py), crafted pickles,
-interrupted and corrupt downloads (test_data_loader.py), kill -9 and resume of a search
+Related guarantees tested elsewhere: bad checkpoints (test_checkpoint.py), crafted pickles,
+interrupted and corrupt downloads (test_cifar10.py), kill -9 and resume of a search
 (test_tuning.py), unreadable --image files (test_evaluation.py).
 """
 import codecs
@@ -40,7 +40,6 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import benchmark
 import cifar10
 import cli
-import config as cfg
 import data_loader
 import hyperparam_tuning as ht
 import model

@@ -8,10 +8,7 @@ import pytest
 import checkpoint
 import cli
 import config as cfg
-import data_loader
 import inference
-import model
-import optim
 import train
 
 
@@ -47,26 +44,6 @@ def test_schedules():
     assert [train.learning_rate(c, t) for t in (0, 1.9, 2, 5)] == [1.0, 1.0, 0.5, 0.25]
     c.update(lr_schedule="constant")
     assert train.learning_rate(c, 9.5) == 1.0
-
-
-@pytest.mark.parametrize("momentum,nesterov", [(0.0, False), (0.9, False), (0.9, True)])
-def test_sgd_matches_the_formula(momentum, nesterov, monkeypatch):
-    monkeypatch.setattr(optim.SGD, "BLOCK", 3)  # several blocks, one of them partial
-    rng = np.random.default_rng(0)
-    params = {"w1": rng.normal(size=(2, 4)), "b1": rng.normal(size=4)}
-    opt = optim.SGD(params, momentum, nesterov, reg=0.1)
-    w, b = params["w1"].copy(), params["b1"].copy()
-    vw, vb = np.zeros_like(w), np.zeros_like(b)
-    for _ in range(3):
-        gw, gb = rng.normal(size=w.shape), rng.normal(size=b.shape)
-        dw = gw + 0.1 * w  # L2 on weights only
-        vw, vb = momentum * vw - 0.5 * dw, momentum * vb - 0.5 * gb
-        if nesterov:
-            w, b = w + momentum * vw - 0.5 * dw, b + momentum * vb - 0.5 * gb
-        else:
-            w, b = w + vw, b + vb
-        opt.step(params, {"w1": gw.copy(), "b1": gb.copy()}, 0.5)
-        assert np.allclose(params["w1"], w) and np.allclose(params["b1"], b)
 
 
 def test_training_learns_and_writes_everything(tmp_path):
@@ -149,31 +126,6 @@ def test_same_numbers_as_the_stored_short_run(tmp_path):
     assert sums == pytest.approx(golden["weight_sums"], rel=1e-9)
 
 
-def test_the_optimisers_l2_is_the_gradient_of_loss_funs_l2():
-    """L2 lives in the optimiser; the report's loss_fun adds 0.5*reg*|w|^2. One plain SGD step
-    with lr 1 from backward_pass's gradients must move each parameter by the numerical
-    gradient of loss_fun."""
-    rng = np.random.default_rng(0)
-    net = model.ThreeLayerNN(12, (7, 5), 4, dtype=np.float64, seed=1)
-    x, y, reg = rng.normal(size=(6, 12)), rng.integers(0, 4, 6), 0.3
-    before = {k: p.copy() for k, p in net.params.items()}
-    log_probs, cache = net.forward_pass(x)
-    optim.SGD(net.params, reg=reg).step(net.params, net.backward_pass(log_probs, y, cache), 1.0)
-    steps = {name: before[name] - p for name, p in net.params.items()}
-    for name, p in net.params.items():
-        p[...] = before[name]
-    for name, p in net.params.items():
-        numeric = np.zeros_like(p)
-        for i in np.ndindex(p.shape):
-            p[i] += 1e-6
-            up = net.loss_fun(x, y, reg)
-            p[i] -= 2e-6
-            numeric[i] = (up - net.loss_fun(x, y, reg)) / 2e-6
-            p[i] += 1e-6
-        assert np.allclose(steps[name], numeric, rtol=1e-5, atol=1e-8), name
-        assert np.allclose(net.backward(x, y, reg)[name], numeric, rtol=1e-5, atol=1e-8), name
-
-
 def test_every_option_is_declared_once_and_reaches_the_command_line(capsys):
     assert set(cfg.DEFAULT_CONFIG) == set(cfg.HELP) == set(cfg.OPTIONS)
     with pytest.raises(SystemExit):
@@ -235,18 +187,3 @@ def test_a_network_too_big_for_the_machine_is_refused_before_the_data_is_read(tm
     assert not any(tmp_path.iterdir())  # nothing read, nothing written
 
 
-def test_a_state_from_another_version_names_the_options_that_differ(tmp_path):
-    config = small_config(tmp_path)
-    net = model.ThreeLayerNN(12, [4, 3], 10)
-    optimizer = optim.SGD(net.params, 0.9)
-    prep = data_loader.Preprocessing(np.zeros(12, np.float32), np.ones(12, np.float32), None)
-    older = {k: v for k, v in config.items() if k != "whiten_eps"}
-    older["lr_min\x1b[2J"] = 0.0  # an option this version lacks (its name escaped when shown)
-    path = tmp_path / train.STATE_FILE
-    checkpoint.save_state(path, net, optimizer, np.random.default_rng(0), prep, older, checkpoint.new_run())
-    with pytest.raises(cli.UsageError) as refused:
-        checkpoint.load_state(path, config, net, optimizer, np.random.default_rng(0), prep)
-    message = str(refused.value)
-    assert "--lr-min\\x1b[2J 0.0 (no such option in this version)" in message, message
-    assert "--whiten-eps (not in the state: saved by another version)" in message, message
-    assert "\x1b" not in message and "--lr " not in message

@@ -1,4 +1,4 @@
-"""hyperparam_tuning.py: search spaces, grid coverage, resume after a kill, pruning, failures,
+"""hyperparam_tuning.py: the checks before any work, grid coverage, resume after a kill, pruning, failures,
 and one study shared by processes through a real PostgreSQL server, on tiny synthetic data."""
 import contextlib
 import errno
@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 import uuid
@@ -109,32 +108,6 @@ def assert_grid_once(trials, space_items):
 
 
 # --- the search space and the checks before any work ------------------------------------------
-
-
-def test_space_items_are_typed_like_the_defaults():
-    space = search_space.parse_space(["lr=0.01,0.05", "hidden-size=256,512x256", "flip=true,no",
-                            "reg_lambda=1e-4:1e-2:log", "epochs=2:5", "activation=relu"])
-    assert space["lr"] == {"choices": [0.01, 0.05]}
-    assert space["hidden_size"] == {"choices": ["256x256", "512x256"]}
-    assert space["flip"] == {"choices": [True, False]}
-    assert space["reg"] == {"low": 1e-4, "high": 1e-2, "log": True, "int": False}
-    assert space["epochs"] == {"low": 2, "high": 5, "log": False, "int": True}
-    assert search_space.config_values({"hidden_size": "512x256"})["hidden_size"] == [512, 256]
-    assert search_space.config_values({"hidden_size": 64})["hidden_size"] == [64, 64]
-    assert len(search_space.grid({k: space[k] for k in ("lr", "hidden_size", "flip")})) == 8
-
-
-def test_space_file_and_items_combine(tmp_path):
-    path = tmp_path / "space.json"
-    path.write_text(json.dumps({"lr": [0.01, 0.05], "hidden_size": [256, [512, 256]],
-                                "reg": {"low": 1e-5, "high": 1e-3, "log": True},
-                                "activation": "relu,tanh"}))
-    space = search_space.load_space_file(path)
-    assert space["hidden_size"] == {"choices": ["256x256", "512x256"]}
-    assert space["reg"]["log"] and space["activation"] == {"choices": ["relu", "tanh"]}
-    args = ht.build_parser().parse_args(["--space-file", str(path), "--space", "lr=0.1",
-                                         "--sampler", "tpe"])
-    assert ht.make_plan(args)["space"]["lr"] == {"choices": [0.1]}  # the item wins
 
 
 def test_default_space_is_a_small_grid_close_to_the_report():
@@ -596,46 +569,6 @@ cli.run(ht.main, {command(tmp_path / "out", data_dir, "--space", "lr=0.05")[2:]!
                           env=environment(), timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert (tmp_path / "out" / ht.FILES["history"]).exists()
-
-
-def test_a_journal_named_through_a_symlink_shares_its_claim_lock_and_tokens(tmp_path):
-    """Two searches naming one journal, one through a symbolic link, must exclude each other
-    and see each other's workers alive: else each takes every grid point and fails the
-    other's running trials as dead, over and over."""
-    journal, link = tmp_path / "study.journal", tmp_path / "link.journal"
-    real = study_storage.JournalStore(str(journal))
-    link.symlink_to(journal)
-    linked, token = study_storage.JournalStore(str(link)), uuid.uuid4().hex
-    with real.lock(study_storage.CLAIM), linked.lock(study_storage.CLAIM, wait=False) as free:
-        assert not free, "the claim lock taken twice at once"
-    with real.lock(token), linked.lock(token, wait=False) as free:
-        assert not free, "a live worker taken for dead"
-
-
-def test_a_journal_lock_left_held_by_a_signal_does_not_hang_its_own_process(tmp_path):
-    """A signal between Optuna's acquire and release leaves the journal's write lock held;
-    the same process's next write (recording its trial as interrupted) must still go on."""
-    store = study_storage.JournalStore(str(tmp_path / "study.journal"))
-    assert store.acquire()  # and never released, as after a signal at the wrong moment
-    done = []
-    writer = threading.Thread(target=lambda: done.append(store.acquire()), daemon=True)
-    writer.start()
-    writer.join(timeout=10)
-    assert done == [True], "the process waited on its own journal lock"
-    store.release()
-
-
-def test_token_files_of_dead_workers_are_swept_and_live_ones_kept(tmp_path):
-    """A kill -9 leaves a worker's (empty, unlocked) token file behind; the next store opened
-    on the journal removes it, and never the token of a worker still alive."""
-    journal, workers = str(tmp_path / "study.journal"), tmp_path / "study.journal.workers"
-    store = study_storage.JournalStore(journal)
-    live, dead = uuid.uuid4().hex, uuid.uuid4().hex
-    with store.lock(live):
-        (workers / dead).touch()  # what a killed worker leaves
-        study_storage.JournalStore(journal)
-        assert sorted(p.name for p in workers.iterdir()) == [live]
-    assert not any(workers.iterdir())
 
 
 def test_a_full_disk_leaves_the_trial_to_run_again(tmp_path, data_dir, monkeypatch):
