@@ -11,9 +11,7 @@ resumes the study. Results in <out-dir>: trials.json/.csv, best_result.json, bes
 How workers share the study (claim lock, tokens, liveness) is study_storage.py's.
 """
 import argparse
-import collections
 import contextlib
-import csv
 import json
 import multiprocessing
 import os
@@ -26,17 +24,16 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-import checkpoint
 import cli
 import config as cfg
 import data_loader
 import files
 import model
+import search_report
 import search_space
 import study_storage
 import train
-import utils
-from study_storage import where
+from study_storage import STATES, counted, interrupted, trial_params, where
 
 DEFAULT_PRESET = "fast"
 # Close to the report's grid (learning rate x hidden size x regularisation x activation x
@@ -47,13 +44,6 @@ TRAIN_OPTIONS = {k: v for k, v in cfg.DEFAULT_CONFIG.items() if k != "save_dir"}
 BLAS_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 MAX_WORKERS = 4 * CORES
-STATES = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed",
-          TrialState.RUNNING: "running", TrialState.WAITING: "queued"}
-FILES = {"json": "trials.json", "csv": "trials.csv", "best": "best_result.json",
-         "model": "best.npy", "history": "optimization_history.png",
-         "importance": "param_importance.png"}  # and val_acc_<a>_<b>.png
-
-
 # --- the plan: everything a worker needs, checked before any work starts ---------------------
 
 
@@ -79,7 +69,8 @@ def make_plan(args):
     for key, p in space.items():  # each choice and both ends of each range make a valid config
         for value in p.get("choices", [p.get("low"), p.get("high")]):
             try:
-                config = cfg.make_config(args.preset, **fixed, **search_space.config_values({key: value}))
+                trial = search_space.config_values({key: value})
+                config = cfg.make_config(args.preset, **fixed, **trial)
                 model.get_activation(config["activation"])
             except cli.Error as exc:
                 raise cli.Error(f"--space {key}={value}: {exc}") from None
@@ -138,33 +129,6 @@ def open_study(plan, storage):
 
 
 # --- workers: which trials are done, which are missing, who runs what -------------------------
-
-
-def trial_params(trial):
-    """A trial's parameters, also for a queued trial that has not suggested them yet."""
-    return trial.system_attrs.get("fixed_params") or trial.params
-
-
-def failure(trial):
-    """Why a failed trial failed; one with no reason was cut short (its process died)."""
-    if trial.state != TrialState.FAIL:
-        return ""
-    return trial.user_attrs.get("failure") or "interrupted: its worker stopped mid-trial"
-
-
-def interrupted(trial):
-    return failure(trial).startswith("interrupted")
-
-
-def counted(trials):
-    """Trials that use the budget: run or running, not queued, not cut short."""
-    return sum(t.state != TrialState.WAITING and not interrupted(t) for t in trials)
-
-
-def trial_folder(plan, trial):
-    """A trial's folder: its own, or that of the interrupted trial it continues."""
-    number = int(trial.user_attrs.get("folder", trial.number))
-    return os.path.join(plan["out_dir"], f"trial_{number}")
 
 
 def _key(params):
@@ -239,7 +203,7 @@ class Worker:
         """Run trials until the budget is spent, the grid is done or time is up."""
         while (trial := self.claim()) is not None:
             self.run_trial(trial)
-            write_tables(self.study, self.plan)
+            search_report.write_tables(self.study, self.plan)
 
     def run_trial(self, trial):
         """Train one trial, tell how it ended and print one line. A signal or a failure of the
@@ -256,7 +220,7 @@ class Worker:
                 raise optuna.TrialPruned()
 
         try:
-            save_dir = trial_folder(plan, trial)
+            save_dir = search_report.trial_folder(plan, trial)
             params = search_space.config_values(trial.params)
             config = cfg.make_config(plan["preset"], **plan["fixed"], **params, save_dir=save_dir)
             trial.set_user_attr("config", config)
@@ -298,7 +262,7 @@ class Worker:
         else:
             acc = f"val acc {attrs['best_val_acc']:.4f}, " if history else ""
             now = f" ({len(new)} now)" if len(new) != len(history) else ""
-            params = " ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
+            params = " ".join(f"{k}={search_report.fmt(v)}" for k, v in trial.params.items())
             print(f"trial {trial.number:3d} {STATES[state]:<8} {acc}{len(history)} epoch(s){now}, "
                   f"{seconds:.0f} s  {params}" + (f"  ({why})" if why else ""), flush=True)
         if stop:
@@ -366,127 +330,12 @@ def run_workers(plan):
                         "to finish the search")
 
 
-# --- outputs ----------------------------------------------------------------------------------
-
-
-COLUMNS = ["number", "state", "best_val_acc", "best_epoch", "epochs_run", "final_train_loss",
-           "final_val_loss", "seconds", "reason", "folder", "host", "started", "finished"]
-
-
-def write_tables(study, plan):
-    """trials.json (which also marks the folder as this study's) and trials.csv (a column per
-    searched option), each rewritten whole and atomically."""
-    rows, when = [], lambda t: t and t.isoformat(timespec="seconds")
-    for t in study.get_trials(deepcopy=False):
-        a = t.user_attrs
-        rows.append({"number": t.number, "state": t.state.name,
-                     "best_val_acc": a.get("best_val_acc"), "best_epoch": a.get("best_epoch"),
-                     "epochs_run": a.get("epochs_run"), "final_train_loss": a.get("train_loss"),
-                     "final_val_loss": a.get("val_loss"), "seconds": a.get("seconds"),
-                     "params": trial_params(t), "reason": failure(t),
-                     "folder": trial_folder(plan, t), "host": a.get("worker", {}).get("host"),
-                     "started": when(t.datetime_start), "finished": when(t.datetime_complete),
-                     "retry_of": a.get("retry_of"), "config": a.get("config")})
-    files.write_json(os.path.join(plan["out_dir"], FILES["json"]),
-                   {"study": plan["study_name"], "storage": where(plan["storage"]),
-                    "sampler": plan["sampler"], "space": plan["space"], "trials": rows})
-    columns = [*COLUMNS[:8], *plan["space"], *COLUMNS[8:]]
-    with files.atomic_write(os.path.join(plan["out_dir"], FILES["csv"]), "w") as f:
-        writer = csv.DictWriter(f, columns, extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows({**row, **row["params"]} for row in rows)
-
-
-def check_out_dir(plan):
-    """Refuse an --out-dir whose trials.json belongs to another study: folders would mix."""
-    try:
-        with open(os.path.join(plan["out_dir"], FILES["json"]), encoding="utf-8") as f:
-            held = json.load(f)
-        held = (held["study"], where(held["storage"]))
-    except FileNotFoundError:
-        return
-    except (OSError, ValueError, KeyError, TypeError):
-        held = ("unknown (its trials.json cannot be read)", "?")
-    if held != (plan["study_name"], where(plan["storage"])):
-        raise cli.Error(f"--out-dir {plan['out_dir']} holds study {held[0]!r} in {held[1]}; "
-                        "give this study another --out-dir")
-
-
-def write_best(best, plan):
-    """best_result.json in the report's format, and best.npy: the best trial's checkpoint,
-    taken only from its folder in --out-dir and only once it loads as a checkpoint."""
-    config = best.user_attrs.get("config", {})
-    source = os.path.join(trial_folder(plan, best), "best.npy")
-    target = os.path.join(plan["out_dir"], FILES["model"])
-    try:
-        checkpoint.load_checkpoint(source)
-        with open(source, "rb") as src, files.atomic_write(target) as dst:
-            dst.write(src.read())
-    except (OSError, cli.Error) as exc:
-        print(f"note: no {FILES['model']} here: {cli.one_line(exc)} (another machine may "
-              "have run the best trial)")
-        target = None
-    result = {
-        "best_params": {"learning_rate": config.get("lr"), "hidden_size": config.get("hidden_size"),
-                        "reg_lambda": config.get("reg"), "activation": config.get("activation"),
-                        "lr_decay": config.get("lr_decay")},
-        "best_val_acc": best.value, "trial": best.number, "params": trial_params(best),
-        "best_epoch": best.user_attrs.get("best_epoch"), "checkpoint": target,
-        "trial_checkpoint": source, "study": plan["study_name"], "sampler": plan["sampler"],
-        "config": config,
-    }
-    files.write_json(os.path.join(plan["out_dir"], FILES["best"]), result)
-    return result
-
-
-def _fmt(value):
-    return f"{value:.4g}" if isinstance(value, float) else cli.shown(value)
-
-
-def summary(study):
-    """Counts of trials per state, e.g. '6 complete, 1 pruned, 1 failed, 1 running'."""
-    n = collections.Counter("interrupted (rerun)" if interrupted(t) else STATES[t.state]
-                            for t in study.get_trials(deepcopy=False))
-    words = ["complete", "pruned", "failed", "interrupted (rerun)", "running", "queued"]
-    return ", ".join(f"{n[w]} {w}" for w in words if n[w] or w in words[:3])
-
-
-def report(study, plan):
-    """Write every output file, then print the top-k table and where things are."""
-    write_tables(study, plan)
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    ranked = sorted(complete, key=lambda t: (-t.value, t.number))  # of equals, the earlier
-    best = write_best(ranked[0], plan) if ranked else None
-    pair, why_not = utils.plot_search(study, plan["out_dir"], plan["space"], FILES)
-    print(f"\nStudy {plan['study_name']!r}: {summary(study)}")
-    if best is None:
-        print("No trial has completed yet.")
-        return
-    keys = list(plan["space"])
-    rows = [["rank", "trial", "val_acc", "epochs", "seconds", *keys]] + [
-        [str(i), str(t.number), f"{t.value:.4f}", str(t.user_attrs.get("epochs_run", "")),
-         f"{t.user_attrs.get('seconds', 0):.0f}", *(_fmt(t.params.get(k)) for k in keys)]
-        for i, t in enumerate(ranked[:plan["top_k"]], 1)]
-    widths = [max(map(len, column)) for column in zip(*rows)]
-    print(f"Top {len(rows) - 1} by validation accuracy:")
-    for row in rows:
-        print("  ".join(cell.rjust(width) for cell, width in zip(row, widths)))
-    if why_not:
-        print(f"(parameter importance not drawn: {why_not})")
-    print(f"\nBest: trial {best['trial']}, validation accuracy {best['best_val_acc']:.4f}")
-    files = [*FILES.values(), *([pair] if pair else [])]
-    print(f"Saved in {plan['out_dir']}: {', '.join(files)}")
-    if best["checkpoint"]:
-        print(f"Evaluate it: python test.py --model {best['checkpoint']}")
-    print(f"Browse the study: optuna-dashboard {where(plan['storage'])}")
-
-
 def status_line(study, plan):
     """What the study holds and what this run will do, in one line."""
     trials, workers = study.get_trials(deepcopy=False), plan["workers"]
     finished = counted([t for t in trials if t.state.is_finished()])
-    what = (f"a grid of {len(search_space.grid(plan['space']))} combinations" if plan["sampler"] == "grid"
-            else f"a {plan['sampler']} search")
+    what = (f"a grid of {len(search_space.grid(plan['space']))} combinations"
+            if plan["sampler"] == "grid" else f"a {plan['sampler']} search")
     todo = to_run(plan, trials)
     threads = f" with {blas_threads(workers)} BLAS thread(s) each" if workers > 1 else ""
     return (f"Study {plan['study_name']!r} in {where(plan['storage'])}: {what}; {finished} "
@@ -568,12 +417,12 @@ def main(argv=None):
                for key, p in plan["space"].items() if key in ("val_size", "batch_size")}
     train.check_fits({**plan["base"], **largest}, len(data[0]))  # the data can fill them
     with files.folder_lock(plan["out_dir"], "--out-dir"):
-        check_out_dir(plan)
+        search_report.check_out_dir(plan)
         worker = Worker(plan, data=data if plan["workers"] == 1 else None)
         del data
         try:
             has_work = worker.has_work()
-            write_tables(worker.study, plan)  # marks the folder as this study's
+            search_report.write_tables(worker.study, plan)  # marks the folder as this study's
             print(status_line(worker.study, plan), flush=True)
             if has_work and plan["workers"] == 1:
                 worker.run()
@@ -586,7 +435,7 @@ def main(argv=None):
             return 128 + signum
         finally:  # also after a signal: the tables and the best so far
             worker.close()
-            report(worker.study, plan)
+            search_report.report(worker.study, plan)
     return 0
 
 

@@ -38,6 +38,8 @@ import files
 
 TOKEN = re.compile(r"[0-9a-f]{32}")  # a worker's token; CLAIM names the claim lock
 CLAIM = "claim"
+STATES = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed",
+          TrialState.RUNNING: "running", TrialState.WAITING: "queued"}
 
 
 def where(storage):
@@ -128,6 +130,33 @@ class PostgresStore:
             session.commit()  # the lock is the session's: no transaction stays open
             yield wait or free
 
+
+
+# --- trials as the store holds them ---------------------------------------------------------
+
+
+def trial_params(trial):
+    """A trial's parameters, also for a queued trial that has not suggested them yet."""
+    return trial.system_attrs.get("fixed_params") or trial.params
+
+
+def failure(trial):
+    """Why a failed trial failed; one with no reason was cut short (its process died)."""
+    if trial.state != TrialState.FAIL:
+        return ""
+    return trial.user_attrs.get("failure") or "interrupted: its worker stopped mid-trial"
+
+
+def interrupted(trial):
+    return failure(trial).startswith("interrupted")
+
+
+def counted(trials):
+    """Trials that use the budget: run or running, not queued, not cut short."""
+    return sum(t.state != TrialState.WAITING and not interrupted(t) for t in trials)
+
+
+# --- this worker's seat -----------------------------------------------------------------------
 
 
 class SharedStudy:

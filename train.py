@@ -186,7 +186,7 @@ def _train(config, data, on_epoch, progress, evaluate_test, verbose, resume):
                     checkpoint.save_model(path[BEST_FILE], net, prep, config, epoch=epoch,
                                val_acc=val_acc)
                 files.write_json(path[HISTORY_FILE], {"config": config, "training_tflop":
-                                                    run["flops"] / 1e12, "epochs": run["history"]})
+                                                      run["flops"] / 1e12, "epochs": run["history"]})
                 checkpoint.save_state(path[STATE_FILE], net, optimizer, rng, prep, config, run)
             say(f"epoch {epoch:3d}  train loss {train_loss:.4f} acc {train_acc:.4f}  val loss "
                 f"{val_loss:.4f} acc {val_acc:.4f}  lr {lr:.4g}  {record['seconds']:.1f}s"

@@ -83,7 +83,8 @@ def test_a_state_from_another_version_names_the_options_that_differ(tmp_path):
     older = {k: v for k, v in config.items() if k != "whiten_eps"}
     older["lr_min\x1b[2J"] = 0.0  # an option this version lacks (its name escaped when shown)
     path = tmp_path / train.STATE_FILE
-    checkpoint.save_state(path, net, optimizer, np.random.default_rng(0), prep, older, checkpoint.new_run())
+    checkpoint.save_state(path, net, optimizer, np.random.default_rng(0), prep, older,
+                          checkpoint.new_run())
     with pytest.raises(cli.UsageError) as refused:
         checkpoint.load_state(path, config, net, optimizer, np.random.default_rng(0), prep)
     message = str(refused.value)

@@ -1,5 +1,6 @@
-"""hyperparam_tuning.py: the checks before any work, grid coverage, resume after a kill, pruning, failures,
-and one study shared by processes through a real PostgreSQL server, on tiny synthetic data."""
+"""hyperparam_tuning.py: the checks before any work, grid coverage, resume after a kill,
+pruning, failures, and one study shared by processes through a real PostgreSQL server, on tiny
+synthetic data."""
 import contextlib
 import errno
 import fcntl
@@ -26,6 +27,7 @@ import checkpoint
 import cli
 import files
 import hyperparam_tuning as ht
+import search_report
 import search_space
 import study_storage
 import utils
@@ -568,7 +570,7 @@ cli.run(ht.main, {command(tmp_path / "out", data_dir, "--space", "lr=0.05")[2:]!
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env=environment(), timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert (tmp_path / "out" / ht.FILES["history"]).exists()
+    assert (tmp_path / "out" / search_report.FILES["history"]).exists()
 
 
 def test_a_full_disk_leaves_the_trial_to_run_again(tmp_path, data_dir, monkeypatch):
