@@ -25,14 +25,18 @@ matrix products take most of each step, the optimiser's memory-bound update most
 import collections
 import contextlib
 import functools
+import os
+import platform
 import resource
 import time
 
 import numpy as np
+import threadpoolctl
 
 import cli
 import config as cfg
 import data_loader
+import kernels
 import model
 import optim
 import train
@@ -50,7 +54,7 @@ OVERRIDABLE = ["hidden_size", "activation", "batch_size", "momentum", "nesterov"
 PROFILED = {model: ["affine_forward", "affine_backward", "activation_forward",
                     "activation_backward", "dropout_forward", "dropout_backward",
                     "log_softmax", "cross_entropy", "cross_entropy_backward"],
-            data_loader: ["augment", "normalize"], optim.SGD: ["step"]}
+            data_loader: ["make_batch"], optim.SGD: ["step"]}
 
 
 def matmul_peak(n=2048, runs=7):
@@ -63,6 +67,34 @@ def matmul_peak(n=2048, runs=7):
         a @ b
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best / 1e9
+
+
+def machine():
+    """What the figures depend on: the CPU, the BLAS libraries and their threads, the kernels."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = dict(line.split(":", 1) for line in f if ":" in line)
+        flags = info.get("flags\t", "").split()
+        cpu = " ".join(info.get("model name\t", "?").split())
+        cpu += " (AVX-512)" if "avx512f" in flags else " (AVX2)" if "avx2" in flags else ""
+    except OSError:
+        cpu = platform.processor() or platform.machine()
+    lines = [f"CPU: {cpu}, {os.cpu_count()} logical cores"]
+    blas = [i for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+    lines += [f"NumPy {np.__version__} BLAS: {i['internal_api']} {i.get('version')} "
+              f"({i.get('architecture')} kernels), {i['num_threads']} threads" for i in blas]
+    lines.append(f"fused kernels: Numba {kernels.numba.__version__}, "
+                 f"{kernels.numba.get_num_threads()} threads" if kernels.ENABLED
+                 else "fused kernels: off (NumPy references)")
+    try:
+        import torch
+        lines.append(f"PyTorch {torch.__version__} BLAS: "
+                     f"{'MKL' if torch.backends.mkl.is_available() else 'not MKL'}"
+                     f"{' and oneDNN' if torch.backends.mkldnn.is_available() else ''}, "
+                     f"{torch.get_num_threads()} threads")
+    except ImportError:
+        lines.append("PyTorch: not installed")
+    return lines
 
 
 def peak_memory_mb():
@@ -81,8 +113,9 @@ def numpy_epoch(config, images, labels):
 
 
 def torch_epoch(config, images, labels):
-    """The same epoch in PyTorch on the CPU (same gather, augmentation and normalisation);
-    None without PyTorch, or for another network than the plain ReLU one."""
+    """The same epoch in PyTorch on the CPU, from the same batches (data_loader.make_batch):
+    only the network, the loss and the optimiser differ. None without PyTorch, or for another
+    network than the plain ReLU one."""
     try:
         import torch
     except ImportError:
@@ -96,18 +129,17 @@ def torch_epoch(config, images, labels):
                               torch.nn.Linear(h2, data_loader.N_CLASSES))
     optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=config["momentum"],
                                 nesterov=config["nesterov"], weight_decay=config["reg"])
-    mean, std = (torch.from_numpy(a) for a in data_loader.compute_stats(images[:5000]))
+    prep = data_loader.Preprocessing(*data_loader.compute_stats(images[:5000]))
     y_all, batch, rng = torch.from_numpy(labels), config["batch_size"], np.random.default_rng(0)
+    buffer = np.empty((batch, data_loader.PIXELS), np.float32)
 
     def epoch():
         order = rng.permutation(len(images))
         for i in range(0, len(images) - batch + 1, batch):
             idx = order[i:i + batch]
-            xb = images[idx]
-            if config["flip"] or config["translate"]:
-                xb = data_loader.augment(xb, rng, config["flip"], config["translate"])
-            x = (torch.from_numpy(xb).float() - mean) / std
-            loss = torch.nn.functional.cross_entropy(net(x), y_all[idx])
+            views = data_loader.draw_augmentation(batch, rng, config["flip"], config["translate"])
+            x = data_loader.make_batch(images, idx, prep, np.float32, *views, out=buffer)
+            loss = torch.nn.functional.cross_entropy(net(torch.from_numpy(x)), y_all[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -185,6 +217,7 @@ def measure(name, settings, n_images, epochs, with_torch, peak):
     row["of peak"] = row["GFLOP/s"] / peak
     row["matmuls s/epoch"] = min(product_seconds[1:])
     row["matmuls of peak"] = flops / row["matmuls s/epoch"] / 1e9 / peak
+    row["of matmuls"] = row["matmuls s/epoch"] / row["s/epoch"]  # the loop's share of its ceiling
     if torch_seconds:
         row["torch s/epoch"] = min(torch_seconds[1:])
         row["numpy/torch"] = row["torch s/epoch"] / row["s/epoch"]
@@ -229,6 +262,7 @@ def main(argv):
     if args.n_images < max(batch):
         parser.error("--n-images must be at least --batch-size")
 
+    print("\n".join(machine()))
     peak = matmul_peak()
     print(f"matmul peak: {peak:.0f} GFLOP/s (float32 2048x2048, best of 7 in this process)")
     rows, epochs = {}, {}
@@ -244,7 +278,7 @@ def main(argv):
         cells = []
         for row in rows.values():
             value = row.get(key)
-            cells.append("-" if value is None else f"{value:.0%}" if "peak" in key else
+            cells.append("-" if value is None else f"{value:.0%}" if "of " in key else
                          f"{value:.2f}x" if key == "numpy/torch" else f"{value:,.2f}")
         print(f"{key:<16}" + "".join(f"{c:>12}" for c in cells))
     print(f"peak memory: {peak_memory_mb():.0f} MB (this process)")

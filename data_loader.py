@@ -15,6 +15,7 @@ import numpy as np
 
 import cifar10
 import cli
+import kernels
 from cifar10 import CLASS_NAMES, IMAGE_SHAPE, N_CLASSES, PIXELS, DataError  # noqa: F401
 
 
@@ -117,23 +118,33 @@ def leading_eigenvectors(c, k, iterations=4, oversample=64):
     return values[::-1][:k], vectors, flops
 
 
-def preprocess(images, prep, dtype=np.float32, out=None):
-    """Network inputs (N, k) of uint8 images (N, 3072): normalised (into `out`, if given, to
-    reuse memory), then whitened if `prep` is."""
-    x = normalize(images, prep.mean, prep.std, out=np.empty(images.shape, dtype) if out is None
-                  else out)
-    return x if prep.whitening is None else x @ prep.whitening.astype(dtype, copy=False)
+def make_batch(images, idx, prep, dtype=np.float32, flips=None, shifts=None, out=None):
+    """Network inputs (len(idx), k) of the uint8 images at `idx`: each mirrored where `flips`,
+    shifted by `shifts` (rows down, columns right; the uncovered border 0), normalised into
+    `out` (if given, to reuse memory), then whitened if `prep` is.
+
+    kernels.make_batch does the gather, the augmentation and the normalisation in one pass."""
+    n = len(idx)
+    flips = np.zeros(n, bool) if flips is None else flips
+    shifts = np.zeros((n, 2), np.int64) if shifts is None else shifts
+    out = np.empty((n, images.shape[1]), dtype) if out is None else out
+    if kernels.ENABLED:
+        kernels.make_batch(images, idx, flips, shifts, prep.mean, prep.std, out)
+    else:
+        normalize(flip_and_shift(images[idx], flips, shifts), prep.mean, prep.std, out)
+    return out if prep.whitening is None else out @ prep.whitening.astype(dtype, copy=False)
+
+
+def preprocess(images, prep, dtype=np.float32, out=None, mirror=False):
+    """Network inputs (N, k) of uint8 images (N, 3072), mirrored if `mirror`: a batch of all
+    of them, as they are."""
+    return make_batch(images, np.arange(len(images)), prep, dtype,
+                      np.full(len(images), mirror), out=out)
 
 
 def preprocess_flops(prep):
     """FLOPs per image of `preprocess`'s matrix product (none without whitening)."""
     return 0 if prep.whitening is None else 2 * prep.whitening.size
-
-
-def flip(images):
-    """The mirror images (left-right) of uint8 images in CIFAR layout."""
-    n = len(images)
-    return np.ascontiguousarray(images.reshape(n, *IMAGE_SHAPE)[..., ::-1]).reshape(n, PIXELS)
 
 
 def normalize(images, mean, std, out=None):
@@ -145,19 +156,30 @@ def normalize(images, mean, std, out=None):
     return out
 
 
+# --- augmentation -------------------------------------------------------------------------------
+
+
+def draw_augmentation(n, rng, flip=True, translate=0):
+    """Random flips (n,), each with probability 1/2 (if `flip`), and shifts (n, 2) of up to
+    `translate` pixels each way, for n images."""
+    flips = rng.random(n) < 0.5 if flip else np.zeros(n, bool)
+    shifts = (rng.integers(-translate, translate + 1, size=(n, 2)) if translate
+              else np.zeros((n, 2), np.int64))
+    return flips, shifts
+
+
 def augment(images, rng, flip=True, translate=0):
     """A uint8 copy of `images` where each image is mirrored left-right with probability 1/2
     (if `flip`) and shifted by up to `translate` pixels each way, the uncovered border zero."""
-    n = len(images)
+    return flip_and_shift(images, *draw_augmentation(len(images), rng, flip, translate))
+
+
+def flip_and_shift(images, flips, shifts):
+    """A uint8 copy of `images`, each mirrored left-right where `flips`, then shifted by
+    `shifts` (rows down, columns right), the uncovered border zero."""
+    n, size = len(images), IMAGE_SHAPE[1]
     src = np.asarray(images).reshape(n, *IMAGE_SHAPE)
-    flips = rng.random(n) < 0.5 if flip else np.zeros(n, bool)
-    if not translate:
-        out = src.copy()
-        out[flips] = out[flips, :, :, ::-1]
-        return out.reshape(n, PIXELS)
     out = np.zeros_like(src)
-    size = IMAGE_SHAPE[1]
-    shifts = rng.integers(-translate, translate + 1, size=(n, 2))  # rows down, columns right
     for i, (dy, dx) in enumerate(shifts.tolist()):  # one slice copy per image: ~2 us each
         image = src[i, :, :, ::-1] if flips[i] else src[i]
         out[i, :, max(dy, 0):size + min(dy, 0), max(dx, 0):size + min(dx, 0)] = \

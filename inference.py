@@ -14,16 +14,15 @@ def log_probabilities(net, images, prep, flip_average=False, batch_size=2000):
     """Log-probabilities (N, C) of uint8 images (N, 3072), preprocessed by `prep` (a
     data_loader.Preprocessing) a batch at a time so that memory stays small. With
     `flip_average` each image's probabilities are averaged with its mirror image's."""
-    def log_probs(chunk):
-        return net.forward_pass(data_loader.preprocess(chunk, prep, net.dtype))[0]
+    def log_probs(chunk, mirror=False):
+        return net.forward_pass(data_loader.preprocess(chunk, prep, net.dtype, mirror=mirror))[0]
 
     out = np.empty((len(images), net.output_size), net.dtype)
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
         views = log_probs(chunk)
         if flip_average:
-            views = np.logaddexp(views, log_probs(data_loader.flip(chunk))) - np.log(
-                2, dtype=net.dtype)
+            views = np.logaddexp(views, log_probs(chunk, mirror=True)) - np.log(2, dtype=net.dtype)
         out[start:start + len(chunk)] = views
     return out
 

@@ -67,10 +67,10 @@ def train_epoch(net, optimizer, images, labels, prep, config, epoch, rng, progre
                disable=not progress, mininterval=0.5)
     for step in bar:
         idx = order[step * batch_size:(step + 1) * batch_size]
-        xb, yb = images[idx], labels[idx]
-        if config["flip"] or config["translate"]:
-            xb = data_loader.augment(xb, rng, config["flip"], config["translate"])
-        x = data_loader.preprocess(xb, prep, net.dtype, out=buffer)
+        flips, shifts = data_loader.draw_augmentation(batch_size, rng, config["flip"],
+                                                      config["translate"])
+        x = data_loader.make_batch(images, idx, prep, net.dtype, flips, shifts, out=buffer)
+        yb = labels[idx]
         lr = learning_rate(config, epoch - 1 + step / steps)
         log_probs, cache = net.forward_pass(x, rng if config["dropout"] else None)
         loss = model.cross_entropy(log_probs, yb)

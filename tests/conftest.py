@@ -100,6 +100,16 @@ def make_archive(path, source_root, extra=()):
     return path
 
 
+@pytest.fixture(params=["numpy", "numba"])
+def implementation(request, monkeypatch):
+    """Run the test with the NumPy references, then with the fused kernels (kernels.py)."""
+    import kernels
+    if request.param == "numba" and kernels.numba is None:
+        pytest.skip("Numba is not installed")
+    monkeypatch.setattr(kernels, "ENABLED", request.param == "numba")
+    return request.param
+
+
 @pytest.fixture
 def cifar_dir(tmp_path):
     """A data folder (tmp_path/data) holding a tiny synthetic cifar-10-batches-py."""

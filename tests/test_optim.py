@@ -7,8 +7,7 @@ import optim
 
 
 @pytest.mark.parametrize("momentum,nesterov", [(0.0, False), (0.9, False), (0.9, True)])
-def test_sgd_matches_the_formula(momentum, nesterov, monkeypatch):
-    monkeypatch.setattr(optim.SGD, "BLOCK", 3)  # several blocks, one of them partial
+def test_sgd_matches_the_formula(momentum, nesterov, implementation):
     rng = np.random.default_rng(0)
     params = {"w1": rng.normal(size=(2, 4)), "b1": rng.normal(size=4)}
     opt = optim.SGD(params, momentum, nesterov, reg=0.1)
