@@ -184,6 +184,8 @@ def _checkpoint_from_arrays(path, arrays, extra_arrays):
          f"class_names is not a list of names of 1 to {MAX_NAME} characters")
     need(isinstance(meta.get("config", {}), dict), "config is not a dict")
     need(isinstance(meta.get("flip_average", False), bool), "flip_average is not true or false")
+    shift = meta.get("test_shift", 0)
+    need(type(shift) is int and 0 <= shift <= 16, "test_shift is not a whole number of 0 to 16")
     params = {k: arrays[k] for k in PARAM_NAMES}
     dtype = params["w1"].dtype
     need(dtype in (np.float32, np.float64), f"weights have dtype {dtype}, not float32/64")
@@ -240,7 +242,8 @@ def save_model(path, net, prep, config, arrays=None, **extra):
     whitening = {} if prep.whitening is None else {"whitening": prep.whitening}
     save_checkpoint(path, net, prep.mean, prep.std, data_loader.CLASS_NAMES, config,
                           arrays={**whitening, **(arrays or {})},
-                          flip_average=config["flip_average"], **extra)
+                          flip_average=config["flip_average"], test_shift=config["test_shift"],
+                          **extra)
 
 
 def save_state(path, net, optimizer, rng, prep, config, run):

@@ -49,7 +49,12 @@ OPTIONS = {
                          range="(0, 100]"),
     "flip_average": Option(True, "predict each validation and test image as the average of "
                            "it and its mirror image (stored in the checkpoint)"),
+    "test_shift": Option(0, "also average each validation and test prediction over the image "
+                         "shifted by this many pixels up, down, left and right (0 = off; stored "
+                         "in the checkpoint)", range="[0, 16]"),
     "flip": Option(True, "random horizontal flips of training images"),
+    "mixup": Option(0.0, "MixUp: train on blends lam * image + (1 - lam) * another, labelled "
+                    "likewise, lam ~ Beta(a, a) for this a per batch (0 = off)", range="[0, 10]"),
     "translate": Option(2, "random shifts of training images by up to this many pixels "
                         "(0 = off)", range="[0, 16]"),
     "val_size": Option(5000, "training images held out for validation (stratified)",

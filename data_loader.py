@@ -159,6 +159,19 @@ def normalize(images, mean, std, out=None):
 # --- augmentation -------------------------------------------------------------------------------
 
 
+def training_batch(images, labels, idx, rng, prep, config, dtype=np.float32, out=None):
+    """The inputs x and labels y of the training batch of the images at `idx`, randomly
+    mirrored and shifted as `config` says, and the mix (lam, y2) or None: with MixUp each input
+    is lam * itself + (1 - lam) * another of the batch, labelled y2, lam ~ Beta(a, a)."""
+    flips, shifts = draw_augmentation(len(idx), rng, config["flip"], config["translate"])
+    x, y = make_batch(images, idx, prep, dtype, flips, shifts, out), labels[idx]
+    if not config["mixup"]:
+        return x, y, None
+    # Preprocessing is affine, so blending inputs blends the images.
+    lam, other = rng.beta(config["mixup"], config["mixup"]), rng.permutation(len(idx))
+    return lam * x + (1 - lam) * x[other], y, (lam, y[other])
+
+
 def draw_augmentation(n, rng, flip=True, translate=0):
     """Random flips (n,), each with probability 1/2 (if `flip`), and shifts (n, 2) of up to
     `translate` pixels each way, for n images."""

@@ -103,22 +103,28 @@ def log_softmax(scores):
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
-def cross_entropy_backward(log_probs, y, label_smoothing=0.0):
-    """d(mean cross-entropy)/d(scores) against targets smoothed towards uniform."""
+def targets(y, n_classes, label_smoothing=0.0, mixup=None, dtype=np.float64):
+    """The target distributions (N, C): one-hot labels y, or with `mixup` = (lam, y2) the mix
+    lam * onehot(y) + (1 - lam) * onehot(y2), each smoothed towards uniform."""
+    rows = np.arange(len(y))
+    lam, y2 = mixup or (1.0, y)
+    t = np.full((len(y), n_classes), label_smoothing / n_classes, dtype)
+    t[rows, y] += (1 - label_smoothing) * lam
+    t[rows, y2] += (1 - label_smoothing) * (1 - lam)
+    return t
+
+
+def cross_entropy_backward(log_probs, y, label_smoothing=0.0, mixup=None):
+    """d(mean cross-entropy)/d(scores) = (softmax(s) - targets) / N (see `targets`)."""
     n, c = log_probs.shape
-    dscores = np.exp(log_probs)
-    dscores -= label_smoothing / c
-    dscores[np.arange(n), y] -= 1 - label_smoothing
-    return dscores / log_probs.dtype.type(n)
+    return (np.exp(log_probs) - targets(y, c, label_smoothing, mixup, log_probs.dtype)) / \
+        log_probs.dtype.type(n)
 
 
-def cross_entropy(log_probs, y, label_smoothing=0.0):
-    """Mean cross-entropy against targets smoothed towards uniform by `label_smoothing`."""
-    n = len(y)
-    nll = -log_probs[np.arange(n), y].mean()
-    if not label_smoothing:
-        return float(nll)
-    return float((1 - label_smoothing) * nll - label_smoothing * log_probs.mean())
+def cross_entropy(log_probs, y, label_smoothing=0.0, mixup=None):
+    """Mean cross-entropy against the targets (see `targets`)."""
+    n, c = log_probs.shape
+    return float(-(targets(y, c, label_smoothing, mixup) * log_probs).sum() / n)
 
 
 # --- the network ----------------------------------------------------------------------------
@@ -190,8 +196,9 @@ class ThreeLayerNN:
         scores, fc3 = affine_forward(a2, self.w3, self.b3)
         return log_softmax(scores), Cache(fc1, act1, drop1, fc2, act2, drop2, fc3)
 
-    def backward_pass(self, log_probs, y, cache, label_smoothing=0.0):
-        """Gradients of the mean (label-smoothed) cross-entropy, the reverse of forward_pass.
+    def backward_pass(self, log_probs, y, cache, label_smoothing=0.0, mixup=None):
+        """Gradients of the mean cross-entropy (targets smoothed, or mixed: see `targets`), the
+        reverse of forward_pass.
 
             ds  = (softmax(s) - targets) / N                         (N, C)
             dw3 = a2.T @ ds  (H2, C)   db3 = ds.sum(0)   da2 = ds @ w3.T     (N, H2)
@@ -201,7 +208,7 @@ class ThreeLayerNN:
             dw1 = x.T @ dz1  (D, H1)   db1 = dz1.sum(0)
         No L2 term: the optimiser adds it (see the class docstring).
         """
-        dscores = cross_entropy_backward(log_probs, y, label_smoothing)
+        dscores = cross_entropy_backward(log_probs, y, label_smoothing, mixup)
         da2, dw3, db3 = affine_backward(dscores, cache.affine3)
         dz2 = activation_backward(dropout_backward(da2, cache.drop2), cache.act2)
         da1, dw2, db2 = affine_backward(dz2, cache.affine2)

@@ -24,7 +24,7 @@ import data_loader
 import files
 import model
 import optim
-from inference import evaluate, evaluate_flops
+from inference import evaluate, evaluate_flops, meta_views, views as test_views
 
 BEST_FILE, HISTORY_FILE, CURVES_FILE = "best.npy", "history.json", "curves.png"
 STATE_FILE = "resume_state.npz"
@@ -67,19 +67,20 @@ def train_epoch(net, optimizer, images, labels, prep, config, epoch, rng, progre
                disable=not progress, mininterval=0.5)
     for step in bar:
         idx = order[step * batch_size:(step + 1) * batch_size]
-        flips, shifts = data_loader.draw_augmentation(batch_size, rng, config["flip"],
-                                                      config["translate"])
-        x = data_loader.make_batch(images, idx, prep, net.dtype, flips, shifts, out=buffer)
-        yb = labels[idx]
+        x, yb, mixup = data_loader.training_batch(images, labels, idx, rng, prep, config,
+                                                  net.dtype, out=buffer)
         lr = learning_rate(config, epoch - 1 + step / steps)
         log_probs, cache = net.forward_pass(x, rng if config["dropout"] else None)
-        loss = model.cross_entropy(log_probs, yb)
+        loss = model.cross_entropy(log_probs, yb, mixup=mixup)
         if not np.isfinite(loss):
             raise Diverged(f"the loss became {loss} at epoch {epoch}, step {step + 1} "
                            f"(lr {lr:.3g}); try a smaller --lr")
         loss_sum += loss
-        correct += (log_probs.argmax(axis=1) == yb).sum()
-        grads = net.backward_pass(log_probs, yb, cache, config["label_smoothing"])
+        # The share of the batch's (mixed) labels predicted: a right image counts its weight.
+        predicted = log_probs.argmax(axis=1)
+        correct += model.targets(yb, net.output_size, mixup=mixup)[np.arange(batch_size),
+                                                                    predicted].sum()
+        grads = net.backward_pass(log_probs, yb, cache, config["label_smoothing"], mixup)
         optimizer.step(net.params, grads, lr)  # consumes grads
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss_sum / (step + 1):.3f}",
@@ -150,6 +151,7 @@ def _train(config, data, on_epoch, progress, evaluate_test, verbose, resume):
                              np.dtype(config["dtype"]), config["dropout"])
     optimizer = optim.SGD(net.params, config["momentum"], config["nesterov"], config["reg"])
     rng = np.random.default_rng(config["seed"])  # shuffling, augmentation and dropout
+    views = test_views(config["flip_average"], config["test_shift"])  # of validation images
 
     path = {name: os.path.join(config["save_dir"], name)
             for name in (BEST_FILE, HISTORY_FILE, CURVES_FILE, STATE_FILE)}
@@ -169,8 +171,8 @@ def _train(config, data, on_epoch, progress, evaluate_test, verbose, resume):
             start = time.perf_counter()
             train_loss, train_acc, lr, flops = train_epoch(net, optimizer, x_train, y_train,
                                                            prep, config, epoch, rng, progress)
-            val_loss, val_acc = evaluate(net, x_val, y_val, prep, config["flip_average"])
-            run["flops"] += flops + evaluate_flops(net, prep, len(y_val), config["flip_average"])
+            val_loss, val_acc = evaluate(net, x_val, y_val, prep, views)
+            run["flops"] += flops + evaluate_flops(net, prep, len(y_val), views)
             record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
                       "val_loss": val_loss, "val_acc": val_acc, "lr": lr,
                       "tflop": run["flops"] / 1e12, "seconds": time.perf_counter() - start}
@@ -206,9 +208,8 @@ def _train(config, data, on_epoch, progress, evaluate_test, verbose, resume):
     test_acc = test_acc_single = None
     if evaluate_test and run["best_epoch"]:
         best, meta = checkpoint.load_checkpoint(path[BEST_FILE])
-        test_acc = evaluate(best, test_images, test_labels, meta["prep"],
-                            meta.get("flip_average"))[1]
-        if meta.get("flip_average"):  # reported with and without it
+        test_acc = evaluate(best, test_images, test_labels, meta["prep"], meta_views(meta))[1]
+        if len(meta_views(meta)) > 1:  # reported with and without the averaging
             test_acc_single = evaluate(best, test_images, test_labels, meta["prep"])[1]
     return {"history": run["history"], "best_val_acc": run["best_acc"],
             "best_epoch": run["best_epoch"], "epochs_run": len(run["history"]),

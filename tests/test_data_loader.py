@@ -167,3 +167,21 @@ def test_the_real_cifar10():
     assert np.bincount(test_y).tolist() == [1000] * 10
     for name in cifar10.TRAIN_FILES + [cifar10.TEST_FILE]:
         assert len(cifar10.read_batch(REAL_DATA / name)[1]) == 10000
+
+
+def test_mixup_blends_pairs_of_the_batch_and_their_labels():
+    images, labels = synthetic(64)
+    prep = data_loader.Preprocessing(np.zeros(3072, np.float32), np.ones(3072, np.float32))
+    config = {"flip": False, "translate": 0, "mixup": 0.4}
+    idx = np.arange(10, 42)
+    x, y, (lam, y2) = data_loader.training_batch(images, labels, idx, np.random.default_rng(5),
+                                                  prep, config)
+    assert 0 < lam < 1 and np.array_equal(y, labels[idx]) and sorted(y2) == sorted(y)
+    rows = images[idx].astype(np.float64)
+    blends = lam * rows[:, None] + (1 - lam) * rows[None, :]  # every pair (i, j)
+    partner = np.isclose(blends, x[:, None], atol=1e-3).all(axis=2)
+    assert partner.any(axis=1).all()  # each input is a blend of two images of the batch
+    assert np.array_equal(y[partner.argmax(axis=1)], y2)  # labelled by its partner
+    plain = data_loader.training_batch(images, labels, idx, np.random.default_rng(5), prep,
+                                       {**config, "mixup": 0})
+    assert plain[2] is None and np.array_equal(plain[0], rows.astype(np.float32))

@@ -127,3 +127,18 @@ def test_learns_a_small_problem_well_above_chance():
         for name, g in net.backward(x, y, 1e-4).items():
             getattr(net, name)[...] -= 0.1 * g
     assert net.accuracy(x, y) > 0.9
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_mixup_gradients_match_finite_differences(label_smoothing):
+    """With MixUp the targets are lam * onehot(y) + (1 - lam) * onehot(y2), then smoothed."""
+    net, x, y = tiny_problem("relu")
+    mixup = (0.3, np.roll(y, 1))
+    loss = lambda: model.cross_entropy(net.forward_pass(x)[0], y, label_smoothing, mixup)
+    log_probs, cache = net.forward_pass(x)
+    grads = net.backward_pass(log_probs, y, cache, label_smoothing, mixup)
+    for name, param in net.params.items():
+        err = relative_error(grads[name], numerical_gradient(loss, param))
+        assert err < 1e-6, f"{name}: relative error {err:.2e}"
+    targets = model.targets(y, 3, label_smoothing, mixup)
+    assert np.allclose(targets.sum(axis=1), 1) and targets.min() >= label_smoothing / 3
