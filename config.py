@@ -95,9 +95,7 @@ def make_config(preset="default", **overrides):
     unknown = set(config) - set(DEFAULT_CONFIG)
     if unknown:
         raise Error(f"unknown configuration keys: {', '.join(sorted(unknown))}")
-    hidden = config["hidden_size"]
-    hidden = [hidden] if isinstance(hidden, int) else list(hidden)
-    config["hidden_size"] = hidden * 2 if len(hidden) == 1 else hidden
+    config["hidden_size"] = hidden_sizes(config["hidden_size"])
     check(config)
     return config
 
@@ -121,6 +119,16 @@ def check(config):
         if option.range and not in_range(value, option.range):
             raise Error(f"{flag} must be {RANGE_WORDS.get(option.range, 'in ' + option.range)}, "
                         f"got {value}")
-    hidden = config["hidden_size"]
-    if not (len(hidden) == 2 and all(isinstance(h, int) and h > 0 for h in hidden)):
-        raise Error(f"--hidden-size takes one or two positive ints, got {hidden}")
+    if len(config["hidden_size"]) != 2:  # make_config makes two of one
+        raise Error(f"hidden_size must hold two sizes, got {config['hidden_size']}")
+    hidden_sizes(config["hidden_size"])
+
+
+def hidden_sizes(value):
+    """The two hidden sizes of --hidden-size's value: one positive int for both, or two.
+    A bad value is named as it was given (`0`, not the `[0, 0]` it would become)."""
+    sizes = [value] if isinstance(value, int) else list(value)
+    if not (len(sizes) in (1, 2) and all(isinstance(h, int) and h > 0 for h in sizes)):
+        raise Error(f"--hidden-size takes one or two positive ints, got "
+                    f"{' '.join(map(str, sizes))}")
+    return sizes * 2 if len(sizes) == 1 else sizes

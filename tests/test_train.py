@@ -143,6 +143,14 @@ def test_every_option_is_declared_once_and_reaches_the_command_line(capsys):
                 cfg.make_config(**{key: type(option.default)(low - 1)})
 
 
+@pytest.mark.parametrize("given,shown", [(0, "0"), ([0], "0"), ([512, 0], "512 0"),
+                                         ([-4], "-4"), ([1, 2, 3], "1 2 3")])
+def test_a_bad_hidden_size_is_named_as_it_was_given(given, shown):
+    with pytest.raises(cli.Error, match=f"--hidden-size takes one or two positive ints, got "
+                       f"{shown}$"):
+        cfg.make_config(hidden_size=given)
+
+
 def test_training_compute_is_counted_in_closed_form(tmp_path):
     """2 x the multiply-adds of every matrix product: forward and backward of each step (no
     input gradient at the first layer) and the forward pass of each validation image."""
