@@ -414,7 +414,8 @@ def main(argv=None):
         raise cli.UsageError(str(exc)) from exc
     data = data_loader.load_data(plan["data_dir"])  # a download happens here, once
     largest = {key: max(p["choices"]) if "choices" in p else int(p["high"])
-               for key, p in plan["space"].items() if key in ("val_size", "batch_size")}
+               for key, p in plan["space"].items()
+               if key in ("val_size", "batch_size", "whiten")}
     train.check_fits({**plan["base"], **largest}, len(data[0]))  # the data can fill them
     with files.folder_lock(plan["out_dir"], "--out-dir"):
         search_report.check_out_dir(plan)

@@ -1,5 +1,7 @@
 """train.py: schedules, the optimiser, and whole training runs on a small synthetic set."""
 import json
+import re
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -195,3 +197,44 @@ def test_a_network_too_big_for_the_machine_is_refused_before_the_data_is_read(tm
     assert not any(tmp_path.iterdir())  # nothing read, nothing written
 
 
+
+
+# --- what train.py says ---------------------------------------------------------------------
+
+TINY_RUN = ["--epochs", "3", "--hidden-size", "8", "--val-size", "20", "--batch-size", "10",
+            "--warmup-epochs", "0", "--translate", "0", "--whiten", "16", "--no-progress"]
+
+
+def train_main(argv, capsys):
+    """train.py's command line in this process: (status, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(train.main, [str(a) for a in argv])
+    return (exit_info.value.code, *capsys.readouterr())
+
+
+def test_train_says_what_it_does_while_starting_and_how_long_the_rest_takes(cifar_dir,
+                                                                             tmp_path, capsys):
+    code, out, err = train_main([*TINY_RUN, "--data-dir", cifar_dir, "--save-dir", tmp_path],
+                                capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == f"read CIFAR-10 from {cifar_dir}: 100 training and 20 test images"
+    assert lines[1] == "whitening: 16 principal components from 80 training images..."
+    assert lines[2].startswith("epoch   1")
+    assert lines[3].startswith("at this pace the other 2 epochs take about ")
+    assert sum(line.startswith("at this pace") for line in lines) == 1
+
+
+def test_a_stop_while_starting_up_says_that_nothing_was_written(cifar_dir, tmp_path, capsys,
+                                                                monkeypatch):
+    def stopped(*args):
+        raise cli.Stopped(signal.SIGTERM)
+
+    monkeypatch.setattr(train.data_loader, "fit_preprocessing", stopped)
+    save_dir = tmp_path / "results"
+    code, out, err = train_main([*TINY_RUN, "--data-dir", cifar_dir, "--save-dir", save_dir],
+                                capsys)
+    assert code == 143
+    assert err == ("error: stopped by SIGTERM while starting up, before the first epoch: "
+                   "nothing was written; run the same command again\n")
+    assert not save_dir.exists() or not any(p.name[0] != "." for p in save_dir.iterdir())
