@@ -265,10 +265,10 @@ def main(argv):
     if not result["best_epoch"]:
         sys.stderr.write("stopped before the first epoch ended: nothing was saved\n")
         return 128 + (result["signal"] or 2)
-    print(f"Best validation accuracy: {result['best_val_acc']:.4f} (epoch {result['best_epoch']} "
-          f"of {result['epochs_run']}, {result['stopped']}, {in_words(seconds)})")
-    print(f"Saved: {result['checkpoint']}, {HISTORY_FILE} and {CURVES_FILE} in "
-          f"{config['save_dir']}")
+    print(f"Best validation accuracy: {result['best_val_acc']:.4f} at epoch "
+          f"{result['best_epoch']} ({result['epochs_run']} of {config['epochs']} epochs run, "
+          f"{result['stopped'].replace('_', ' ')}, {in_words(seconds)})")
+    print(f"Saved in {config['save_dir']}: {BEST_FILE}, {HISTORY_FILE}, {CURVES_FILE}")
     print(f"Training compute: {result['tflop']:.1f} TFLOP")
     print(f"Test accuracy: {result['test_acc']:.4f}")
     if result["test_acc_without_flip_average"] is not None:

@@ -225,6 +225,24 @@ def test_train_says_what_it_does_while_starting_and_how_long_the_rest_takes(cifa
     assert sum(line.startswith("at this pace") for line in lines) == 1
 
 
+def test_a_stop_after_the_first_epoch_counts_the_epochs_planned(cifar_dir, tmp_path, capsys,
+                                                                monkeypatch):
+    real = train.train_epoch
+
+    def stopped_in_epoch_2(*args):
+        if args[6] == 2:
+            raise cli.Stopped(signal.SIGTERM)
+        return real(*args)
+
+    monkeypatch.setattr(train, "train_epoch", stopped_in_epoch_2)
+    code, out, err = train_main([*TINY_RUN, "--data-dir", cifar_dir, "--save-dir", tmp_path],
+                                capsys)
+    assert code == 143, err
+    assert re.search(r"^Best validation accuracy: 0\.\d{4} at epoch 1 \(1 of 3 epochs run, "
+                     r"interrupted, \d+ s\)$", out, re.M), out
+    assert f"Saved in {tmp_path}: best.npy, history.json, curves.png\n" in out
+
+
 def test_a_stop_while_starting_up_says_that_nothing_was_written(cifar_dir, tmp_path, capsys,
                                                                 monkeypatch):
     def stopped(*args):
