@@ -240,13 +240,17 @@ def test_images_are_classified_with_top_three(checkpoint, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("content", [None, b"this is not a picture", PNG_MAGIC + b"\0" * 20])
-def test_unreadable_image_is_one_clear_error(checkpoint, tmp_path, capsys, content):
-    good, bad = tmp_path / "good.png", tmp_path / "bad.png"
+def test_an_unreadable_image_is_one_error_line_and_the_others_are_classified(
+        checkpoint, tmp_path, capsys, content):
+    good, bad, also_good = tmp_path / "good.png", tmp_path / "bad.png", tmp_path / "also.jpg"
     Image.new("RGB", (32, 32)).save(good)
+    Image.new("RGB", (40, 30), "red").save(also_good)
     if content is not None:
         bad.write_bytes(content)
-    code, out, err = run(evaluate.main, ["--model", checkpoint, "--image", good, bad], capsys)
-    assert code == 1 and out == ""
+    code, out, err = run(evaluate.main, ["--model", checkpoint, "--image", good, bad, also_good],
+                         capsys)
+    assert code == 1
+    assert [line.split(": ")[0] for line in out.splitlines()] == [str(good), str(also_good)]
     assert_one_error_line(err, "cannot read image", bad)
 
 
