@@ -358,7 +358,7 @@ def build_parser():
                     "the same command resumes it; browse it with `optuna-dashboard "
                     "OUT_DIR/study.journal`.",
         epilog="--space items: KEY=V1,V2,... lists values (a grid dimension); KEY=LO:HI[:log] "
-               "is a range (random and tpe only). KEY is any training option below "
+               "is a range (random and tpe only). KEY is any training option above "
                "(learning_rate and reg_lambda also work); hidden_size values: 512 or 512x256. "
                f"Default: {' '.join(DEFAULT_SPACE)}, plus {DEFAULT_DECAYS} with --lr-schedule "
                "step.")
@@ -396,10 +396,11 @@ def build_parser():
                         "same points")
     s.add_argument("--preset", choices=sorted(cfg.PRESETS), default=DEFAULT_PRESET,
                    help="training recipe the options below change")
-    preset = ", ".join(f"{k}={v}" for k, v in cfg.PRESETS[DEFAULT_PRESET].items())
-    t = parser.add_argument_group("training options, the same for every trial", f"Defaults "
-                                  f"are config.py's; --preset {DEFAULT_PRESET} sets {preset}.")
-    cli.add_config_options(t, TRAIN_OPTIONS, cfg.HELP,
+    t = parser.add_argument_group("training options, the same for every trial", "The defaults "
+                                  f"shown are --preset {DEFAULT_PRESET}'s, which trials start "
+                                  "from; another --preset brings its own (config.py).")
+    trial_defaults = cfg.make_config(DEFAULT_PRESET)
+    cli.add_config_options(t, {key: trial_defaults[key] for key in TRAIN_OPTIONS}, cfg.HELP,
                            {**cfg.CHOICES, "activation": sorted(model.ACTIVATIONS)}, cfg.ALIASES)
     return parser
 
@@ -412,7 +413,9 @@ def main(argv=None):
         plan = make_plan(args)
     except cli.Error as exc:  # a bad option value: a usage error, exit status 2
         raise cli.UsageError(str(exc)) from exc
-    data = data_loader.load_data(plan["data_dir"])  # a download happens here, once
+    with cli.stopping_says("while reading the data, before any trial: nothing was written; "
+                           "run the same command again"):
+        data = data_loader.load_data(plan["data_dir"])  # a download happens here, once
     largest = {key: max(p["choices"]) if "choices" in p else int(p["high"])
                for key, p in plan["space"].items()
                if key in ("val_size", "batch_size", "whiten")}

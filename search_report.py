@@ -85,10 +85,12 @@ def write_best(best, plan):
         print(f"note: no {FILES['model']} here: {cli.one_line(exc)} (another machine may "
               "have run the best trial)")
         target = None
+    report_params = {"learning_rate": config.get("lr"), "hidden_size": config.get("hidden_size"),
+                     "reg_lambda": config.get("reg"), "activation": config.get("activation")}
+    if config.get("lr_schedule") == "step":  # the only schedule lr_decay acts in
+        report_params["lr_decay"] = config.get("lr_decay")
     result = {
-        "best_params": {"learning_rate": config.get("lr"), "hidden_size": config.get("hidden_size"),
-                        "reg_lambda": config.get("reg"), "activation": config.get("activation"),
-                        "lr_decay": config.get("lr_decay")},
+        "best_params": report_params,
         "best_val_acc": best.value, "trial": best.number, "params": trial_params(best),
         "best_epoch": best.user_attrs.get("best_epoch"), "checkpoint": target,
         "trial_checkpoint": source, "study": plan["study_name"], "sampler": plan["sampler"],

@@ -25,6 +25,7 @@ import pytest
 
 import checkpoint
 import cli
+import config as cfg
 import files
 import hyperparam_tuning as ht
 import search_report
@@ -138,6 +139,41 @@ def test_bad_input_is_refused_before_any_work(tmp_path, data_dir, args, message)
     assert not (tmp_path / "out").exists()
 
 
+def test_help_shows_the_defaults_that_trials_start_from():
+    text = " ".join(ht.build_parser().format_help().split())
+    trial = cfg.make_config(ht.DEFAULT_PRESET)
+    assert "--epochs EPOCHS passes over the training split (default: 9)" in text
+    assert f"two ints (default: {trial['hidden_size']})" in text
+    assert "(default: 100)" not in text and "(default: [1024, 1024])" not in text
+    assert "KEY is any training option above" in text  # the epilog comes last
+
+
+def test_a_signal_while_the_data_is_read_says_that_nothing_was_written(tmp_path, data_dir,
+                                                                       capsys, monkeypatch):
+    def stopped(*args, **kwargs):
+        raise cli.Stopped(signal.SIGTERM)
+
+    monkeypatch.setattr(ht.data_loader, "load_data", stopped)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(lambda argv: search(tmp_path / "out", data_dir), [])
+    assert exit_info.value.code == 143
+    assert capsys.readouterr().err == ("error: stopped by SIGTERM while reading the data, "
+                                       "before any trial: nothing was written; run the same "
+                                       "command again\n")
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "step"])
+def test_best_result_lists_lr_decay_only_where_it_acts(tmp_path, schedule):
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(optuna.trial.create_trial(value=0.5, user_attrs={
+        "config": cfg.make_config(lr_schedule=schedule)}))
+    plan = {"out_dir": str(tmp_path), "study_name": "s", "sampler": "grid"}
+    best = search_report.write_best(study.best_trial, plan)
+    assert ("lr_decay" in best["best_params"]) == (schedule == "step")
+    assert json.loads((tmp_path / "best_result.json").read_text())["best_params"] == \
+        best["best_params"]
+
+
 def test_usage_errors_exit_2(tmp_path, data_dir, capsys):
     bad_values = (["--workers", "0"], ["--workers", str(ht.MAX_WORKERS + 1)],
                   ["--sampler", "bayes"], ["--study-name", "a/b"], ["--sampler-seed", "-1"],
@@ -211,7 +247,7 @@ def test_grid_runs_each_combination_once_and_writes_everything(tmp_path, data_di
 
     best = json.loads((out / "best_result.json").read_text())
     assert set(best["best_params"]) == {"learning_rate", "hidden_size", "reg_lambda",
-                                        "activation", "lr_decay"}
+                                        "activation"}  # no lr_decay: it acts only in step
     assert best["best_val_acc"] == max(t.value for t in trials) > 0.5
     assert (out / "best.npy").read_bytes() == open(best["trial_checkpoint"], "rb").read()
     net, meta = checkpoint.load_checkpoint(str(out / "best.npy"))
