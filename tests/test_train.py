@@ -2,6 +2,7 @@
 import json
 import re
 import signal
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -188,6 +189,21 @@ def test_benchmark_prints_both_configurations_and_where_the_time_goes(capsys):
     assert header.split() == ["report", "default"]
     for name in ("affine_forward", "affine_backward", "step", "augment", "normalize"):
         assert name in out
+
+
+@pytest.mark.parametrize("args,why", [
+    ([], "PyTorch is not installed (it is optional: pip install torch)"),
+    (["--activation", "tanh"], "its twin is the plain ReLU network without dropout, which "
+                               "these options change")])
+def test_benchmark_says_why_there_is_no_pytorch_comparison(capsys, monkeypatch, args, why):
+    import benchmark
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` fails as if not installed
+    monkeypatch.setattr(benchmark, "matmul_peak", lambda: 100.0)
+    assert benchmark.main(["--hidden-size", "8", "--batch-size", "16", "--n-images", "64",
+                           "--epochs", "1", *args]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line for line in lines if "PyTorch" in line] == [f"no PyTorch comparison: {why}"]
 
 
 def test_a_network_too_big_for_the_machine_is_refused_before_the_data_is_read(tmp_path):
