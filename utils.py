@@ -67,8 +67,19 @@ def save_figure(fig, path, dpi=100):
         fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")
 
 
+def count_axis(ax, values):
+    """Integer ticks on the x axis of a count (epochs, trials), and limits half a step or more
+    beyond the values: a lone value gets one tick, not ticks at 0.945 ... 1.050."""
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1, steps=[1, 2, 5, 10]))
+    if len(values):
+        low, high = min(values), max(values)
+        pad = max(0.5, 0.03 * (high - low))
+        ax.set_xlim(low - pad, high + pad)
+
+
 def plot_history(records, path):
-    """Training curves: loss, accuracy and learning rate per epoch, from train.py's records."""
+    """Training curves: loss, accuracy and learning rate per epoch, from train.py's records.
+    Each legend gives the last value, so a run of one epoch (a dot per curve) still reads."""
     fig = Figure(figsize=(15, 4.2), layout="constrained")
     axes = fig.subplots(1, 3)
     panels = [("Cross-entropy loss", [("train_loss", "train"), ("val_loss", "validation")]),
@@ -79,9 +90,10 @@ def plot_history(records, path):
             points = [(r["epoch"], r[key]) for r in records if r.get(key) is not None]
             if points:
                 ax.plot(*zip(*points), marker="o" if len(points) < 30 else None,
-                        markersize=3, label=label)
+                        markersize=3 if len(points) > 2 else 6,
+                        label=label and f"{label}, last {points[-1][1]:.4f}")
         ax.set(title=title, xlabel="epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        count_axis(ax, [r["epoch"] for r in records])
         ax.grid(alpha=0.3)
         if ax.has_data() and any(label for _, label in series):
             ax.legend()

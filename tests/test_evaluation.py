@@ -138,6 +138,20 @@ def test_every_plot_writes_a_png(tmp_path):
         assert_png(tmp_path / name)
 
 
+@pytest.mark.parametrize("values,ticks", [([1], [1]), ([1, 2], [1, 2]), ([0, 1, 2], [0, 1, 2]),
+                                          (range(1, 101), [0, 20, 40, 60, 80, 100])])
+def test_epochs_and_trials_are_counted_in_whole_ticks(values, ticks):
+    """A one-epoch history had ticks 0.945 ... 1.050."""
+    from matplotlib.figure import Figure
+
+    ax = Figure().subplots()
+    ax.plot(values, np.ones(len(values)))
+    utils.count_axis(ax, values)
+    low, high = ax.get_xlim()
+    assert low < min(values) and max(values) < high
+    assert [t for t in ax.get_xticks() if low <= t <= high] == ticks
+
+
 def test_weights_that_are_not_images_are_refused(tmp_path):
     with pytest.raises(cli.Error, match="32x32"):
         utils.plot_weights(np.zeros((100, 8)), tmp_path / "w.png")
