@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import textwrap
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -105,21 +106,53 @@ def plot_history(records, path):
     save_figure(fig, path)
 
 
-def plot_weights(w1, path, n=100):
-    """The first `n` first-layer weight vectors as 32x32 colour images, each scaled to [0, 1]."""
+# What weights.png shows, by whether the network sees whitened images.
+WEIGHTS_SHOWN = {
+    False: "Each unit's weights over the normalised pixels, drawn as an image: the input it "
+           "responds to most.",
+    True: "The network sees whitened images, so each unit's weights are mapped back to pixels "
+          "through the whitening's pseudo-inverse: the image the unit responds to most. (Its "
+          "filter on raw pixels, whitening @ w1, looks like fine coloured noise: whitening "
+          "amplifies fine detail.)",
+}
+WEIGHTS_NOTE = ("Part of each is still the random start, the more so after a short run. Each "
+                "image is scaled to its own range.")
+
+
+def input_patterns(w1, prep):
+    """What each first-layer unit responds to, as images (3072, units) of pixel deviations from
+    the mean image.
+
+    A unit computes w . x of the network's input x. The input x it responds to most (at a given
+    length) is w itself: without whitening that is a pattern of normalised pixels, with it a
+    pattern of whitened components, which the pseudo-inverse of the whitening maps back to the
+    normalised-pixel image whose whitening it is. Times the pixels' spread, either is in pixels.
+    """
+    if len(prep.std) != PIXELS:
+        raise cli.Error(f"first-layer weights over {len(prep.std)} values per image are not "
+                        f"of 32x32 RGB images (need {PIXELS})")
     w1 = np.asarray(w1, dtype=np.float64)
-    if w1.ndim != 2 or w1.shape[0] != PIXELS:
-        raise cli.Error(f"first-layer weights of shape {w1.shape} are not 32x32 RGB images "
-                        f"(need {PIXELS} rows)")
-    n = min(n, w1.shape[1])
+    if prep.whitening is not None:
+        w1 = np.linalg.pinv(prep.whitening.astype(np.float64)).T @ w1
+    return w1 * np.asarray(prep.std, np.float64)[:, None]
+
+
+def plot_weights(w1, prep, path, n=100):
+    """What the first `n` units of a first layer `w1` respond to (`input_patterns`; `prep` is
+    the network's data_loader.Preprocessing) as 32x32 colour images, each scaled to [0, 1],
+    under a caption that says what they are."""
+    patterns = input_patterns(w1, prep)
+    n = min(n, patterns.shape[1])
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
-    fig = Figure(figsize=(cols * 0.9, rows * 0.9 + 0.6), layout="constrained")
-    fig.suptitle(f"First-layer weights: {n} of {w1.shape[1]} hidden units")
+    fig = Figure(figsize=(max(cols * 0.9, 6), rows * 0.9 + 1.1), layout="constrained")
+    shown = f"{WEIGHTS_SHOWN[prep.whitening is not None]} {WEIGHTS_NOTE}"
+    fig.suptitle(f"What the first layer responds to: {n} of {patterns.shape[1]} hidden units\n"
+                 + textwrap.fill(shown, 110), fontsize="medium")
     for j, ax in enumerate(fig.subplots(rows, cols, squeeze=False).flat):
         ax.set_axis_off()
         if j < n:
-            image = w1[:, j].reshape(IMAGE_SHAPE).transpose(1, 2, 0)
+            image = patterns[:, j].reshape(IMAGE_SHAPE).transpose(1, 2, 0)
             low, high = image.min(), image.max()
             ax.imshow((image - low) / (high - low) if high > low else np.zeros_like(image),
                       interpolation="nearest")
@@ -291,8 +324,7 @@ def main(argv=None):
         plot(*plot_args, os.path.join(out_dir, name))
         print(f"wrote {cli.shown(os.path.join(out_dir, name))}")
 
-    whitening = meta["prep"].whitening  # first-layer weights as seen from the pixels
-    draw(plot_weights, WEIGHTS_PNG, net.w1 if whitening is None else whitening @ net.w1)
+    draw(plot_weights, WEIGHTS_PNG, net.w1, meta["prep"])
     history = os.path.join(os.path.dirname(os.path.abspath(args.model)), "history.json")
     if os.path.exists(history):
         draw(plot_history, CURVES_PNG, load_history(history))

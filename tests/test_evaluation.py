@@ -124,7 +124,8 @@ def test_every_plot_writes_a_png(tmp_path):
     images = rng.integers(0, 256, (50, 3072), dtype=np.uint8)
     labels, predictions = rng.integers(0, 10, 50), rng.integers(0, 10, 50)
     utils.plot_history(records, tmp_path / "curves.png")
-    utils.plot_weights(rng.normal(size=(3072, 12)), tmp_path / "weights.png")
+    prep = data_loader.Preprocessing(np.zeros(3072), np.ones(3072))
+    utils.plot_weights(rng.normal(size=(3072, 12)), prep, tmp_path / "weights.png")
     utils.plot_confusion(utils.confusion_matrix(labels, predictions, 10), data_loader.CLASS_NAMES,
                          tmp_path / "confusion.png")
     utils.plot_misclassified(images, labels, predictions, data_loader.CLASS_NAMES,
@@ -153,9 +154,25 @@ def test_epochs_and_trials_are_counted_in_whole_ticks(values, ticks):
 
 
 def test_weights_that_are_not_images_are_refused(tmp_path):
+    prep = data_loader.Preprocessing(np.zeros(100), np.ones(100))
     with pytest.raises(cli.Error, match="32x32"):
-        utils.plot_weights(np.zeros((100, 8)), tmp_path / "w.png")
+        utils.plot_weights(np.zeros((100, 8)), prep, tmp_path / "w.png")
     assert not (tmp_path / "w.png").exists()
+
+
+def test_weights_are_drawn_as_the_images_that_become_them():
+    """A whitened network's weights are drawn as the pixel images whose whitened form they are
+    (their filter on pixels, whitening @ w1, is mostly the fine detail whitening amplifies);
+    a plain one's as the pixel images whose normalised form they are."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (300, 3072), dtype=np.uint8)
+    whitened, _ = data_loader.fit_preprocessing(images, whiten=20)
+    plain = data_loader.Preprocessing(whitened.mean, whitened.std)
+    for prep, w1 in ((whitened, rng.normal(size=(20, 5))), (plain, rng.normal(size=(3072, 5)))):
+        patterns = utils.input_patterns(w1, prep)
+        assert patterns.shape == (3072, 5)
+        network_input = data_loader.preprocess(patterns.T + prep.mean, prep, np.float64)
+        assert np.allclose(network_input, w1.T, atol=1e-4 * abs(w1).max())
 
 
 # --- test.py on a test set --------------------------------------------------------------------
