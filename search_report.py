@@ -14,6 +14,7 @@ import checkpoint
 import cli
 import files
 import utils
+from utils import fmt
 from study_storage import STATES, failure, interrupted, trial_params, where
 
 FILES = {"json": "trials.json", "csv": "trials.csv", "best": "best_result.json",
@@ -100,10 +101,6 @@ def write_best(best, plan):
     return result
 
 
-def fmt(value):
-    return f"{value:.4g}" if isinstance(value, float) else cli.shown(value)
-
-
 def summary(study):
     """Counts of trials per state, e.g. '6 complete, 1 pruned, 1 failed, 1 running'."""
     n = collections.Counter("interrupted (rerun)" if interrupted(t) else STATES[t.state]
@@ -135,7 +132,8 @@ def report(study, plan):
     if why_not:
         print(f"(parameter importance not drawn: {why_not})")
     print(f"\nBest: trial {best['trial']}, validation accuracy {best['best_val_acc']:.4f}")
-    names = [*FILES.values(), *([pair] if pair else [])]
+    names = [name for name in [*FILES.values(), pair]
+             if name and os.path.exists(os.path.join(plan["out_dir"], name))]
     print(f"Saved in {plan['out_dir']}: {', '.join(names)}")
     if best["checkpoint"]:
         print(f"Evaluate it: python test.py --model {best['checkpoint']}")

@@ -13,8 +13,9 @@ import re
 import textwrap
 
 import numpy as np
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 import checkpoint
 import cli
@@ -201,53 +202,110 @@ def plot_misclassified(images, labels, predictions, class_names, path, n=32):
     save_figure(fig, path)
 
 
+def fmt(value):
+    """A parameter value, short (4 significant digits) and safe to print."""
+    return f"{value:.4g}" if isinstance(value, float) else cli.shown(value)
+
+
 def plot_search(study, out_dir, space, names):
-    """A search's pictures in `out_dir`, named by `names` (hyperparam_tuning.FILES): the
-    optimization history (trials numbered as integers), parameter importances by PED-ANOVA
-    (named here: Optuna 4's default, fANOVA, needs scikit-learn), and validation accuracy
-    against the two most important searched parameters that varied, in val_acc_<a>_<b>.png
-    (older such plots removed). Optuna's style stays in an rc_context. Returns the name of
-    that last plot and why there are no importances."""
-    import warnings
-
-    import matplotlib
-    matplotlib.use("agg")
-    import matplotlib.pyplot as plt
+    """A search's pictures in `out_dir`, named by `names` (search_report.FILES), drawn like every
+    other figure here: each complete trial's validation accuracy and the best so far; the
+    importances of the searched parameters by PED-ANOVA (named here: Optuna 4's default,
+    fANOVA, needs scikit-learn), when two or more vary (one alone is 1 by definition); and
+    validation accuracy against the two most important that varied, in val_acc_<a>_<b>.png.
+    Plots of an earlier state that no longer apply are removed. Returns the name of that last
+    plot and why there are no importances."""
     import optuna
-    import optuna.visualization.matplotlib as plots
 
-    def save(axes, name):  # Axes, or an array of them
-        figure = np.ravel(axes)[0].figure
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    plot_trials(complete, os.path.join(out_dir, names["history"]))
+    varied = [k for k in space if len({str(t.params.get(k)) for t in complete}) > 1]
+    importances, why_not = {}, None
+    if len(varied) < 2:
+        why_not = (f"only {varied[0]} varies, and one parameter alone has importance 1"
+                   if varied else "no parameter varies among the complete trials")
+    else:
         try:
-            save_figure(figure, os.path.join(out_dir, name))
-        finally:
-            plt.close(figure)
-
-    target, evaluator = "validation accuracy", optuna.importance.PedAnovaImportanceEvaluator()
-    with matplotlib.rc_context(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Optuna's matplotlib plots are "experimental"
-        history = plots.plot_optimization_history(study, target_name=target)
-        history.xaxis.set_major_locator(MaxNLocator(integer=True))
-        save(history, names["history"])
-        try:
-            importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
-            why_not = None if importances else "no parameter varies among the complete trials"
+            importances = optuna.importance.get_param_importances(
+                study, evaluator=optuna.importance.PedAnovaImportanceEvaluator())
         except Exception as exc:  # too few complete trials
-            importances, why_not = {}, f"{type(exc).__name__}: {exc}"
-        if importances:
-            save(plots.plot_param_importances(study, evaluator=evaluator, target_name=target),
-                 names["importance"])
-        complete = study.get_trials(deepcopy=False,
-                                    states=(optuna.trial.TrialState.COMPLETE,))
-        varied = [k for k in space if len({str(t.params.get(k)) for t in complete}) > 1]
-        shown = sorted(varied, key=lambda k: -importances.get(k, 0))[:2]
-        pair = f"val_acc_{'_'.join(shown)}.png" if shown else None
-        for old in os.listdir(out_dir):
-            if re.fullmatch(r"val_acc_.*\.png", old) and old != pair:
-                os.remove(os.path.join(out_dir, old))
-        if shown:
-            save(plots.plot_slice(study, params=shown, target_name=target), pair)
+            why_not = f"{type(exc).__name__}: {exc}"
+    shown = sorted(varied, key=lambda k: -importances.get(k, 0))[:2]
+    pair = f"val_acc_{'_'.join(shown)}.png" if shown else None
+    keep = {pair, names["importance"] if importances else None}
+    for old in os.listdir(out_dir):
+        if (re.fullmatch(r"val_acc_.*\.png", old) or old == names["importance"]) and \
+                old not in keep:
+            os.remove(os.path.join(out_dir, old))
+    if importances:
+        plot_importances(importances, os.path.join(out_dir, names["importance"]))
+    if shown:
+        plot_slices(complete, shown, space, os.path.join(out_dir, pair))
     return pair, why_not
+
+
+def plot_trials(trials, path):
+    """Each complete trial's validation accuracy by trial number, and the best so far."""
+    fig = Figure(figsize=(7, 4.2), layout="constrained")
+    ax = fig.subplots()
+    numbers, values = [t.number for t in trials], [t.value for t in trials]
+    title = "Search: no trial has completed yet"
+    if trials:
+        ax.plot(numbers, values, "o", label="a complete trial")
+        ax.step(numbers, np.maximum.accumulate(values), where="post", label="best so far")
+        best = int(np.argmax(values))  # of equals, the earlier, as the report ranks them
+        title = (f"Search: validation accuracy of each trial (best {values[best]:.4f}, "
+                 f"trial {numbers[best]})")
+        ax.legend(loc="best")
+    ax.set(title=title, xlabel="trial", ylabel="validation accuracy")
+    count_axis(ax, numbers)
+    ax.grid(alpha=0.3)
+    save_figure(fig, path)
+
+
+def plot_importances(importances, path):
+    """Horizontal bars of the searched parameters' importances (they sum to 1), largest on top."""
+    keys = list(importances)[::-1]
+    fig = Figure(figsize=(7, 1.4 + 0.45 * len(keys)), layout="constrained")
+    ax = fig.subplots()
+    bars = ax.barh(keys, [importances[k] for k in keys])
+    ax.bar_label(bars, fmt="%.2f", padding=3)
+    ax.set(xlim=(0, 1.1), title="Search: how much each parameter moves the validation accuracy",
+           xlabel="importance (PED-ANOVA; they sum to 1)")
+    ax.grid(axis="x", alpha=0.3)
+    save_figure(fig, path)
+
+
+def plot_slices(trials, keys, space, path):
+    """Validation accuracy against each searched parameter in `keys`, a panel each; every
+    complete trial is a dot coloured by its number. Lists of values are evenly spaced in the
+    order given; ranges are numeric axes (logarithmic for :log)."""
+    fig = Figure(figsize=(1.5 + 4.5 * len(keys), 4.4), layout="constrained")
+    axes = fig.subplots(1, len(keys), sharey=True, squeeze=False)[0]
+    numbers = [t.number for t in trials]
+    colours = Normalize(min(numbers), max(max(numbers), min(numbers) + 1))
+    for ax, key in zip(axes, keys):
+        choices = space[key].get("choices")
+        x = [choices.index(t.params[key]) if choices else t.params[key] for t in trials]
+        dots = ax.scatter(x, [t.value for t in trials], c=numbers, cmap="viridis", norm=colours,
+                          edgecolors="black", linewidths=0.5, zorder=2)
+        if choices:
+            ax.set_xticks(range(len(choices)), [fmt(c) for c in choices])
+            ax.set_xlim(-0.5, len(choices) - 0.5)
+        elif space[key]["log"]:  # ticks written as numbers, at 1, 2 and 5 in a short range
+            ax.set_xscale("log")
+            short = space[key]["high"] <= 30 * space[key]["low"]
+            ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5) if short else (1,)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set(xlabel=key)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("validation accuracy")
+    bar = fig.colorbar(dots, ax=list(axes), label="trial")
+    bar.ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(f"Search: validation accuracy against {' and '.join(keys)} "
+                 "(a dot per complete trial)")
+    save_figure(fig, path)
 
 
 # --- command line -----------------------------------------------------------------------------

@@ -264,6 +264,49 @@ def test_grid_runs_each_combination_once_and_writes_everything(tmp_path, data_di
         [t.datetime_complete for t in trials]
 
 
+def test_one_searched_parameter_draws_no_importance_and_says_why(tmp_path, data_dir, capsys,
+                                                                 monkeypatch):
+    """A lone parameter's importance is 1 by definition: its plot was a single bar at 1.00."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "param_importance.png").write_bytes(b"from an earlier state")
+    assert search(out, data_dir, "--space", "lr=0.05,0.02", monkeypatch=monkeypatch) == 0
+    printed = capsys.readouterr().out
+    assert "(parameter importance not drawn: only lr varies" in printed
+    saved = next(line for line in printed.splitlines() if line.startswith("Saved in"))
+    assert "val_acc_lr.png" in saved and "param_importance.png" not in saved
+    assert not (out / "param_importance.png").exists() and (out / "val_acc_lr.png").exists()
+
+
+def test_search_plots_say_what_they_show_and_number_trials_in_whole_numbers(tmp_path,
+                                                                            monkeypatch):
+    """Optuna's own plots were titled "Slice Plot", numbered trials 0.0, 0.2, ... on the
+    colour bar, drew trial 0 white on grey and squeezed the plot beside its legend."""
+    drawn = {}
+    monkeypatch.setattr(utils, "save_figure",
+                        lambda fig, path: drawn.setdefault(os.path.basename(path), fig))
+    space = search_space.parse_space(["lr=0.01,0.05", "reg=1e-4:1e-2:log", "activation=relu"])
+    study = optuna.create_study(direction="maximize")
+    for lr, reg, acc in [(0.01, 1e-3, 0.3), (0.05, 1e-4, 0.4), (0.05, 1e-2, 0.35)]:
+        study.add_trial(optuna.trial.create_trial(
+            params={"lr": lr, "reg": reg, "activation": "relu"}, value=acc,
+            distributions=search_space.distributions(space)))
+    pair, _ = utils.plot_search(study, str(tmp_path), space, search_report.FILES)
+    assert pair in ("val_acc_lr_reg.png", "val_acc_reg_lr.png")
+    slices = drawn[pair]
+    assert "validation accuracy against" in slices.get_suptitle()
+    *panels, colour_bar = slices.axes
+    assert sorted(ax.get_xlabel() for ax in panels) == ["lr", "reg"]
+    low, high = colour_bar.get_ylim()
+    assert [t for t in colour_bar.get_yticks() if low <= t <= high] == [0, 1, 2]
+    first = panels[0].collections[0].get_facecolors()[0]
+    assert first[:3].sum() < 2.5  # trial 0 is not (nearly) white
+    history = drawn[search_report.FILES["history"]]
+    assert "best 0.4000, trial 1" in history.axes[0].get_title()
+    for fig in drawn.values():  # this project's look, not Optuna's grey ggplot style
+        assert all(ax.get_facecolor()[:3] == (1.0, 1.0, 1.0) for ax in fig.axes)
+
+
 def test_a_rerun_with_other_options_is_refused(tmp_path, data_dir, monkeypatch):
     out = tmp_path / "out"
     search(out, data_dir, "--space", "lr=0.05", monkeypatch=monkeypatch)
