@@ -37,7 +37,7 @@ from study_storage import STATES, counted, interrupted, trial_params, where
 
 DEFAULT_PRESET = "fast"
 # Close to the report's grid (learning rate x hidden size x regularisation x activation x
-# decay), small enough for an afternoon; lr_decay joins when the schedule is `step`.
+# decay): 16 short trials (--help says how long); lr_decay joins when the schedule is `step`.
 DEFAULT_SPACE = ["lr=0.01,0.05", "hidden_size=256,512", "reg=1e-4,1e-3", "activation=relu,tanh"]
 DEFAULT_DECAYS = "lr_decay=0.9,0.95"
 TRAIN_OPTIONS = {k: v for k, v in cfg.DEFAULT_CONFIG.items() if k != "save_dir"}
@@ -353,6 +353,7 @@ def _study_name(text):
 
 
 def build_parser():
+    grid_size = len(search_space.grid(search_space.parse_space(DEFAULT_SPACE)))
     parser = cli.Parser(
         description="Hyperparameter search over train.py's options with Optuna. Rerunning "
                     "the same command resumes it; browse it with `optuna-dashboard "
@@ -360,8 +361,9 @@ def build_parser():
         epilog="--space items: KEY=V1,V2,... lists values (a grid dimension); KEY=LO:HI[:log] "
                "is a range (random and tpe only). KEY is any training option above "
                "(learning_rate and reg_lambda also work); hidden_size values: 512 or 512x256. "
-               f"Default: {' '.join(DEFAULT_SPACE)}, plus {DEFAULT_DECAYS} with --lr-schedule "
-               "step.")
+               f"Default: {' '.join(DEFAULT_SPACE)} ({grid_size} trials of --preset "
+               f"{DEFAULT_PRESET}, each {train.preset_time(DEFAULT_PRESET)}), plus "
+               f"{DEFAULT_DECAYS} with --lr-schedule step.")
     s = parser.add_argument_group("search")
     s.add_argument("--space", nargs="+", action="extend", metavar="KEY=VALUES",
                    help="searched options (default: see below)")

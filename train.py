@@ -1,6 +1,7 @@
 """Train ThreeLayerNN on CIFAR-10 with minibatch SGD, keeping the best weights on validation.
 
-    python train.py                      # the default recipe (see config.py)
+    python train.py                      # the default recipe (config.py; --help: how long)
+    python train.py --preset fast        # a short recipe, to try everything out
     python train.py --preset best        # the longer, more accurate recipe
     python train.py --lr 0.02 --hidden-size 512 256 --epochs 5
     python train.py --preset best --resume   # continue a stopped run from its last epoch
@@ -238,14 +239,21 @@ def _train(config, data, on_epoch, progress, evaluate_test, say, resume):
 def in_words(seconds):
     """A duration for people: 40 s, 12 min, 2.5 h."""
     return (f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400
-            else f"{seconds / 3600:.1f} h")
+            else f"{seconds / 3600:.2g} h")
+
+
+def preset_time(name):
+    """A preset's epochs and how long it takes at most on 2 cores, in words."""
+    return (f"{cfg.make_config(name)['epochs']} epochs, up to "
+            f"{in_words(60 * cfg.PRESET_MINUTES[name])} on 2 cores")
 
 
 def main(argv):
     parser = cli.Parser(description="Train the three-layer network on CIFAR-10. Every "
                         "configuration key is an option; the defaults are config.py's.")
     parser.add_argument("--preset", default="default", choices=sorted(cfg.PRESETS),
-                        help="a named recipe from config.py, applied before the other options")
+                        help="a named recipe from config.py, applied before the other options: "
+                        + ", ".join(f"{name} ({preset_time(name)})" for name in cfg.PRESETS))
     parser.add_argument("--resume", action="store_true",
                         help=f"continue the run in --save-dir from its last completed epoch "
                         f"({STATE_FILE}); give the same options as the run you continue")

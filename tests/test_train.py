@@ -138,12 +138,21 @@ def test_every_option_is_declared_once_and_reaches_the_command_line(capsys):
         assert f"--{key.replace('_', '-')}" in text and " ".join(option.help.split()) in text
     for alias in cfg.ALIASES:  # the report's names stay accepted at the edge
         assert f"--{alias.replace('_', '-')}" in text
+    for name in cfg.PRESETS:  # how long each recipe takes
+        assert f"{name} ({cfg.make_config(name)['epochs']} epochs, up to " in text
+    assert "default (100 epochs, up to 40 min on 2 cores)" in text
     assert cfg.make_config(learning_rate=0.3, reg_lambda=0.2)["lr"] == 0.3
     for key, option in cfg.OPTIONS.items():
         if option.range:
             low = float(option.range[1:].split(",")[0])
             with pytest.raises(train.cli.Error, match=f"--{key.replace('_', '-')}"):
                 cfg.make_config(**{key: type(option.default)(low - 1)})
+
+
+@pytest.mark.parametrize("seconds,words", [(5, "5 s"), (89, "89 s"), (90, "2 min"),
+                                           (2400, "40 min"), (5400, "1.5 h"), (7200, "2 h")])
+def test_durations_are_said_in_units_people_use(seconds, words):
+    assert train.in_words(seconds) == words
 
 
 @pytest.mark.parametrize("given,shown", [(0, "0"), ([0], "0"), ([512, 0], "512 0"),

@@ -146,6 +146,7 @@ def test_help_shows_the_defaults_that_trials_start_from():
     assert f"two ints (default: {trial['hidden_size']})" in text
     assert "(default: 100)" not in text and "(default: [1024, 1024])" not in text
     assert "KEY is any training option above" in text  # the epilog comes last
+    assert "(16 trials of --preset fast, each 9 epochs, up to 2 min on 2 cores)" in text
 
 
 def test_a_signal_while_the_data_is_read_says_that_nothing_was_written(tmp_path, data_dir,
