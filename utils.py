@@ -256,7 +256,7 @@ def plot_trials(trials, path):
         best = int(np.argmax(values))  # of equals, the earlier, as the report ranks them
         title = (f"Search: validation accuracy of each trial (best {values[best]:.4f}, "
                  f"trial {numbers[best]})")
-        ax.legend(loc="best")
+        ax.legend()
     ax.set(title=title, xlabel="trial", ylabel="validation accuracy")
     count_axis(ax, numbers)
     ax.grid(alpha=0.3)
@@ -279,7 +279,7 @@ def plot_importances(importances, path):
 def plot_slices(trials, keys, space, path):
     """Validation accuracy against each searched parameter in `keys`, a panel each; every
     complete trial is a dot coloured by its number. Lists of values are evenly spaced in the
-    order given; ranges are numeric axes (logarithmic for :log)."""
+    order given; ranges are numeric axes (logarithmic for :log, whole numbers for ints)."""
     fig = Figure(figsize=(1.5 + 4.5 * len(keys), 4.4), layout="constrained")
     axes = fig.subplots(1, len(keys), sharey=True, squeeze=False)[0]
     numbers = [t.number for t in trials]
@@ -298,6 +298,8 @@ def plot_slices(trials, keys, space, path):
             ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5) if short else (1,)))
             ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
             ax.xaxis.set_minor_formatter(NullFormatter())
+        elif space[key]["int"]:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set(xlabel=key)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("validation accuracy")
