@@ -92,8 +92,8 @@ def machine():
                      f"{'MKL' if torch.backends.mkl.is_available() else 'not MKL'}"
                      f"{' and oneDNN' if torch.backends.mkldnn.is_available() else ''}, "
                      f"{torch.get_num_threads()} threads")
-    except ImportError:
-        lines.append("PyTorch: not installed")
+    except ImportError:  # said with the results
+        pass
     return lines
 
 
@@ -112,18 +112,26 @@ def numpy_epoch(config, images, labels):
                                      False)
 
 
+def no_torch_twin(config):
+    """Why PyTorch cannot train the same network as `config`, or None if it can."""
+    if config["activation"] != "relu" or config["dropout"]:
+        return "its twin is the plain ReLU network without dropout, which these options change"
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return "PyTorch is not installed (it is optional: pip install torch)"
+    return None
+
+
 def torch_epoch(config, images, labels):
     """The same epoch in PyTorch on the CPU, from the same batches (data_loader.make_batch):
-    only the network, the loss and the optimiser differ. None without PyTorch, or for another
-    network than the plain ReLU one."""
-    try:
-        import torch
-    except ImportError:
+    only the network, the loss and the optimiser differ. None where `no_torch_twin` says why
+    not."""
+    if no_torch_twin(config):
         return None
+    import torch
     torch.manual_seed(0)
     h1, h2 = config["hidden_size"]
-    if config["activation"] != "relu" or config["dropout"]:
-        return None  # the PyTorch twin is the plain ReLU network
     net = torch.nn.Sequential(torch.nn.Linear(data_loader.PIXELS, h1), torch.nn.ReLU(),
                               torch.nn.Linear(h1, h2), torch.nn.ReLU(),
                               torch.nn.Linear(h2, data_loader.N_CLASSES))
@@ -265,10 +273,11 @@ def main(argv):
     print("\n".join(machine()))
     peak = matmul_peak()
     print(f"matmul peak: {peak:.0f} GFLOP/s (float32 2048x2048, best of 7 in this process)")
-    rows, epochs = {}, {}
+    rows, epochs, no_twin = {}, {}, set()
     for name in args.configs:
         config, rows[name], epochs[name] = measure(name, settings, args.n_images, args.epochs,
                                                    not args.no_torch, peak)
+        no_twin.add(no_torch_twin(config))
         print(f"{name}: {config['hidden_size'][0]}x{config['hidden_size'][1]}, batch "
               f"{config['batch_size']}, augmentation "
               f"{'on' if config['flip'] or config['translate'] else 'off'}")
@@ -282,9 +291,9 @@ def main(argv):
                          f"{value:.2f}x" if key == "numpy/torch" else f"{value:,.2f}")
         print(f"{key:<16}" + "".join(f"{c:>12}" for c in cells))
     print(f"peak memory: {peak_memory_mb():.0f} MB (this process)")
-    if not args.no_torch and "numpy/torch" not in keys:
-        print("no PyTorch comparison: PyTorch is not installed (optional: pip install torch), "
-              "or the options leave the plain ReLU network its twin is")
+    if not args.no_torch:
+        for why in sorted(no_twin - {None}):
+            print(f"no PyTorch comparison: {why}")
     if args.profile:
         for name, epoch in epochs.items():
             print(f"\nwhere one epoch's time goes ({name}):")

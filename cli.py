@@ -143,9 +143,19 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 class Stopped(KeyboardInterrupt):
     """SIGTERM or SIGHUP, raised where the program is, so that it stops as on Ctrl-C."""
 
-    def __init__(self, signum):
-        super().__init__(f"stopped by {signal.Signals(signum).name}")
+    def __init__(self, signum, what=""):
+        super().__init__(f"stopped by {signal.Signals(signum).name}" + (what and f" {what}"))
         self.signum = signum
+
+
+@contextlib.contextmanager
+def stopping_says(what):
+    """Add `what` to the message of a stop by a signal inside the block: what was stopped and
+    what is left, e.g. "while starting up: nothing was written"."""
+    try:
+        yield
+    except Stopped as exc:
+        raise Stopped(exc.signum, what) from None
 
 
 stop_signal = 0  # the first signal caught: start no new work (checked at safe points too)

@@ -80,7 +80,10 @@ Preprocessing.__doc__ = """What turns uint8 images into network inputs, fixed fr
 x = (image - mean) / std, then x @ whitening (3072, k) when PCA whitening is on."""
 
 
-def fit_preprocessing(images, whiten=0, eps=0.1, sample=10000):
+WHITEN_SAMPLE = 10000  # training images the whitening's covariance is estimated from
+
+
+def fit_preprocessing(images, whiten=0, eps=0.1, sample=WHITEN_SAMPLE):
     """The Preprocessing of a training split: per-pixel statistics, and with `whiten` > 0 the
     projection onto its `whiten` leading principal components, each scaled to unit variance.
 
@@ -90,18 +93,23 @@ def fit_preprocessing(images, whiten=0, eps=0.1, sample=10000):
     comes from the first `sample` images. Returns the Preprocessing and the FLOPs of its
     matrix products.
     """
+    check_whitening(whiten, len(images), sample)
     mean, std = compute_stats(images)
     if not whiten:
         return Preprocessing(mean, std), 0
-    if whiten > min(len(images), sample):  # more components than images to estimate them
-        raise cli.UsageError(f"--whiten {whiten} is more than the {min(len(images), sample)} "
-                             f"training images the whitening is computed from")
     x = normalize(images[:sample], mean, std)
     covariance = (x.T @ x).astype(np.float64) / len(x)
     values, vectors, flops = leading_eigenvectors(covariance, whiten)
     values = np.maximum(values, 0)  # rounding can make a zero eigenvalue slightly negative
     whitening = vectors / np.sqrt(values + eps * values.mean())
     return Preprocessing(mean, std, whitening.astype(np.float32)), flops + 2 * x.size * len(x.T)
+
+
+def check_whitening(whiten, n_images, sample=WHITEN_SAMPLE):
+    """Refuse more whitened components than the training images they are estimated from."""
+    if whiten > min(n_images, sample):
+        raise cli.UsageError(f"--whiten {whiten} is more than the {min(n_images, sample)} "
+                             f"training images the whitening is computed from")
 
 
 def leading_eigenvectors(c, k, iterations=4, oversample=64):

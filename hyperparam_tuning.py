@@ -37,7 +37,7 @@ from study_storage import STATES, counted, interrupted, trial_params, where
 
 DEFAULT_PRESET = "fast"
 # Close to the report's grid (learning rate x hidden size x regularisation x activation x
-# decay), small enough for an afternoon; lr_decay joins when the schedule is `step`.
+# decay): 16 short trials (--help says how long); lr_decay joins when the schedule is `step`.
 DEFAULT_SPACE = ["lr=0.01,0.05", "hidden_size=256,512", "reg=1e-4,1e-3", "activation=relu,tanh"]
 DEFAULT_DECAYS = "lr_decay=0.9,0.95"
 TRAIN_OPTIONS = {k: v for k, v in cfg.DEFAULT_CONFIG.items() if k != "save_dir"}
@@ -353,15 +353,17 @@ def _study_name(text):
 
 
 def build_parser():
+    grid_size = len(search_space.grid(search_space.parse_space(DEFAULT_SPACE)))
     parser = cli.Parser(
         description="Hyperparameter search over train.py's options with Optuna. Rerunning "
                     "the same command resumes it; browse it with `optuna-dashboard "
                     "OUT_DIR/study.journal`.",
         epilog="--space items: KEY=V1,V2,... lists values (a grid dimension); KEY=LO:HI[:log] "
-               "is a range (random and tpe only). KEY is any training option below "
+               "is a range (random and tpe only). KEY is any training option above "
                "(learning_rate and reg_lambda also work); hidden_size values: 512 or 512x256. "
-               f"Default: {' '.join(DEFAULT_SPACE)}, plus {DEFAULT_DECAYS} with --lr-schedule "
-               "step.")
+               f"Default: {' '.join(DEFAULT_SPACE)} ({grid_size} trials of --preset "
+               f"{DEFAULT_PRESET}, each {train.preset_time(DEFAULT_PRESET)}), plus "
+               f"{DEFAULT_DECAYS} with --lr-schedule step.")
     s = parser.add_argument_group("search")
     s.add_argument("--space", nargs="+", action="extend", metavar="KEY=VALUES",
                    help="searched options (default: see below)")
@@ -396,10 +398,11 @@ def build_parser():
                         "same points")
     s.add_argument("--preset", choices=sorted(cfg.PRESETS), default=DEFAULT_PRESET,
                    help="training recipe the options below change")
-    preset = ", ".join(f"{k}={v}" for k, v in cfg.PRESETS[DEFAULT_PRESET].items())
-    t = parser.add_argument_group("training options, the same for every trial", f"Defaults "
-                                  f"are config.py's; --preset {DEFAULT_PRESET} sets {preset}.")
-    cli.add_config_options(t, TRAIN_OPTIONS, cfg.HELP,
+    t = parser.add_argument_group("training options, the same for every trial", "The defaults "
+                                  f"shown are --preset {DEFAULT_PRESET}'s, which trials start "
+                                  "from; another --preset brings its own (config.py).")
+    trial_defaults = cfg.make_config(DEFAULT_PRESET)
+    cli.add_config_options(t, {key: trial_defaults[key] for key in TRAIN_OPTIONS}, cfg.HELP,
                            {**cfg.CHOICES, "activation": sorted(model.ACTIVATIONS)}, cfg.ALIASES)
     return parser
 
@@ -412,9 +415,12 @@ def main(argv=None):
         plan = make_plan(args)
     except cli.Error as exc:  # a bad option value: a usage error, exit status 2
         raise cli.UsageError(str(exc)) from exc
-    data = data_loader.load_data(plan["data_dir"])  # a download happens here, once
+    with cli.stopping_says("while reading the data, before any trial: nothing was written; "
+                           "run the same command again"):
+        data = data_loader.load_data(plan["data_dir"])  # a download happens here, once
     largest = {key: max(p["choices"]) if "choices" in p else int(p["high"])
-               for key, p in plan["space"].items() if key in ("val_size", "batch_size")}
+               for key, p in plan["space"].items()
+               if key in ("val_size", "batch_size", "whiten")}
     train.check_fits({**plan["base"], **largest}, len(data[0]))  # the data can fill them
     with files.folder_lock(plan["out_dir"], "--out-dir"):
         search_report.check_out_dir(plan)

@@ -14,6 +14,7 @@ import checkpoint
 import cli
 import files
 import utils
+from utils import fmt
 from study_storage import STATES, failure, interrupted, trial_params, where
 
 FILES = {"json": "trials.json", "csv": "trials.csv", "best": "best_result.json",
@@ -85,10 +86,12 @@ def write_best(best, plan):
         print(f"note: no {FILES['model']} here: {cli.one_line(exc)} (another machine may "
               "have run the best trial)")
         target = None
+    report_params = {"learning_rate": config.get("lr"), "hidden_size": config.get("hidden_size"),
+                     "reg_lambda": config.get("reg"), "activation": config.get("activation")}
+    if config.get("lr_schedule") == "step":  # the only schedule lr_decay acts in
+        report_params["lr_decay"] = config.get("lr_decay")
     result = {
-        "best_params": {"learning_rate": config.get("lr"), "hidden_size": config.get("hidden_size"),
-                        "reg_lambda": config.get("reg"), "activation": config.get("activation"),
-                        "lr_decay": config.get("lr_decay")},
+        "best_params": report_params,
         "best_val_acc": best.value, "trial": best.number, "params": trial_params(best),
         "best_epoch": best.user_attrs.get("best_epoch"), "checkpoint": target,
         "trial_checkpoint": source, "study": plan["study_name"], "sampler": plan["sampler"],
@@ -96,10 +99,6 @@ def write_best(best, plan):
     }
     files.write_json(os.path.join(plan["out_dir"], FILES["best"]), result)
     return result
-
-
-def fmt(value):
-    return f"{value:.4g}" if isinstance(value, float) else cli.shown(value)
 
 
 def summary(study):
@@ -133,7 +132,8 @@ def report(study, plan):
     if why_not:
         print(f"(parameter importance not drawn: {why_not})")
     print(f"\nBest: trial {best['trial']}, validation accuracy {best['best_val_acc']:.4f}")
-    names = [*FILES.values(), *([pair] if pair else [])]
+    names = [name for name in [*FILES.values(), pair]
+             if name and os.path.exists(os.path.join(plan["out_dir"], name))]
     print(f"Saved in {plan['out_dir']}: {', '.join(names)}")
     if best["checkpoint"]:
         print(f"Evaluate it: python test.py --model {best['checkpoint']}")

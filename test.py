@@ -7,6 +7,7 @@ The checkpoint carries everything needed: architecture, activation, normalisatio
 and class names.
 """
 import os
+import sys
 import warnings
 
 import numpy as np
@@ -93,13 +94,25 @@ def to_rgb(img):
 
 
 def classify_images(net, meta, paths, top=3):
-    """Print the `top` most likely classes of each picture with their probabilities."""
-    images = np.stack([load_image(path) for path in paths])
-    probs = predict_proba(net, meta, images)
-    names = [cli.shown(name) for name in meta["class_names"]]
-    for path, p in zip(paths, probs):
-        best = np.argsort(p)[::-1][:top]
-        print(f"{cli.shown(path)}: " + ", ".join(f"{names[k]} {p[k]:.3f}" for k in best))
+    """Print the `top` most likely classes of each picture that can be read, with their
+    probabilities, then an error line for each that cannot; returns the exit status (1 if
+    any could not be read), so that one bad file in a list costs only its own line."""
+    read, errors = [], []
+    for path in paths:
+        try:
+            read.append((path, load_image(path)))
+        except cli.Error as exc:
+            errors.append(cli.one_line(exc))
+    if read:
+        probs = predict_proba(net, meta, np.stack([image for _, image in read]))
+        names = [cli.shown(name) for name in meta["class_names"]]
+        for (path, _), p in zip(read, probs):
+            best = np.argsort(p)[::-1][:top]
+            print(f"{cli.shown(path)}: " + ", ".join(f"{names[k]} {p[k]:.3f}" for k in best))
+    sys.stdout.flush()  # the results, then the errors, also when both go to one terminal
+    for message in errors:
+        sys.stderr.write(f"error: {message}\n")
+    return 1 if errors else 0
 
 
 def evaluation_metrics(labels, predictions, class_names):
@@ -143,8 +156,7 @@ def main(argv=None):
         if len(meta["mean"]) != utils.PIXELS:
             raise cli.Error(f"{cli.shown(args.model)} takes {len(meta['mean'])} inputs per "
                             f"image, not {utils.PIXELS} (32x32 RGB)")
-        classify_images(net, meta, args.image)
-        return 0
+        return classify_images(net, meta, args.image)
 
     images, labels = utils.load_test_set(args.data_dir, net, meta, args.model)
     files.writable_folder(args.out_dir)

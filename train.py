@@ -1,6 +1,7 @@
 """Train ThreeLayerNN on CIFAR-10 with minibatch SGD, keeping the best weights on validation.
 
-    python train.py                      # the default recipe (see config.py)
+    python train.py                      # the default recipe (config.py; --help: how long)
+    python train.py --preset fast        # a short recipe, to try everything out
     python train.py --preset best        # the longer, more accurate recipe
     python train.py --lr 0.02 --hidden-size 512 256 --epochs 5
     python train.py --preset best --resume   # continue a stopped run from its last epoch
@@ -28,6 +29,9 @@ from inference import evaluate, evaluate_flops, meta_views, views as test_views
 
 BEST_FILE, HISTORY_FILE, CURVES_FILE = "best.npy", "history.json", "curves.png"
 STATE_FILE = "resume_state.npz"
+# What a signal before the first epoch has stopped, and what it leaves.
+STARTING_UP = ("while starting up, before the first epoch: nothing was written; run the same "
+               "command again")
 
 
 class Diverged(cli.Error):
@@ -107,10 +111,12 @@ def check_memory(config):
 
 
 def check_fits(config, n_images):
-    """Refuse a validation split or a batch that `n_images` training images cannot fill."""
+    """Refuse a validation split, a whitening or a batch that `n_images` training images
+    cannot fill."""
     if not 0 < config["val_size"] < n_images:
         raise cli.UsageError(f"--val-size must be between 1 and {n_images - 1} (the number of "
                              f"training images minus one), got {config['val_size']}")
+    data_loader.check_whitening(config["whiten"], n_images - config["val_size"])
     if config["batch_size"] > n_images - config["val_size"]:
         raise cli.UsageError(f"--batch-size {config['batch_size']} is larger than the "
                              f"{n_images - config['val_size']} training images")
@@ -131,38 +137,47 @@ def train(config, data=None, on_epoch=None, progress=True, evaluate_test=False, 
     cfg.check(config)
     model.get_activation(config["activation"])
     check_memory(config)
-    data = data or data_loader.load_data(config["data_dir"])
+    verbose = progress if verbose is None else verbose
+    say = (tqdm.write if progress else print) if verbose else (lambda message: None)
+    loaded = data is None
+    with cli.stopping_says(STARTING_UP):
+        data = data or data_loader.load_data(config["data_dir"])
     check_fits(config, len(data[0]))
     with files.folder_lock(config["save_dir"]):
         files.remove_stale_temps(config["save_dir"], (BEST_FILE, HISTORY_FILE, CURVES_FILE,
                                                     STATE_FILE))
-        return _train(config, data, on_epoch, progress, evaluate_test, verbose, resume)
+        if loaded:  # said once nothing can refuse the run before the whitening
+            say(f"read CIFAR-10 from {config['data_dir']}: {len(data[0]):,} training and "
+                f"{len(data[2]):,} test images")
+        return _train(config, data, on_epoch, progress, evaluate_test, say, resume)
 
 
-def _train(config, data, on_epoch, progress, evaluate_test, verbose, resume):
+def _train(config, data, on_epoch, progress, evaluate_test, say, resume):
     images, labels, test_images, test_labels = data
-    x_train, y_train, x_val, y_val = data_loader.split_validation(
-        images, labels, config["val_size"], config["seed"])
-    prep, prep_flops = data_loader.fit_preprocessing(x_train, config["whiten"],
-                                                     config["whiten_eps"])
-    inputs = x_train.shape[1] if prep.whitening is None else prep.whitening.shape[1]
-    net = model.ThreeLayerNN(inputs, config["hidden_size"],
-                             len(data_loader.CLASS_NAMES), config["activation"], config["seed"],
-                             np.dtype(config["dtype"]), config["dropout"])
-    optimizer = optim.SGD(net.params, config["momentum"], config["nesterov"], config["reg"])
-    rng = np.random.default_rng(config["seed"])  # shuffling, augmentation and dropout
-    views = test_views(config["flip_average"], config["test_shift"])  # of validation images
-
     path = {name: os.path.join(config["save_dir"], name)
             for name in (BEST_FILE, HISTORY_FILE, CURVES_FILE, STATE_FILE)}
-    run = checkpoint.new_run()
-    run["flops"] = prep_flops
-    verbose = progress if verbose is None else verbose
-    say = (tqdm.write if progress else print) if verbose else (lambda message: None)
-    if resume:
-        run = checkpoint.load_state(path[STATE_FILE], config, net, optimizer, rng, prep)
-        say(f"resuming {config['save_dir']} after epoch {run['epoch']} of {config['epochs']}")
-    signum = None
+    with cli.stopping_says(STARTING_UP):  # the whitening can take a while
+        x_train, y_train, x_val, y_val = data_loader.split_validation(
+            images, labels, config["val_size"], config["seed"])
+        if config["whiten"]:
+            say(f"whitening: {config['whiten']} principal components from "
+                f"{min(len(x_train), data_loader.WHITEN_SAMPLE):,} training images...")
+        prep, prep_flops = data_loader.fit_preprocessing(x_train, config["whiten"],
+                                                         config["whiten_eps"])
+        inputs = x_train.shape[1] if prep.whitening is None else prep.whitening.shape[1]
+        net = model.ThreeLayerNN(inputs, config["hidden_size"], len(data_loader.CLASS_NAMES),
+                                 config["activation"], config["seed"], np.dtype(config["dtype"]),
+                                 config["dropout"])
+        optimizer = optim.SGD(net.params, config["momentum"], config["nesterov"], config["reg"])
+        rng = np.random.default_rng(config["seed"])  # shuffling, augmentation and dropout
+        views = test_views(config["flip_average"], config["test_shift"])  # of validation images
+        run = checkpoint.new_run()
+        run["flops"] = prep_flops
+        if resume:
+            run = checkpoint.load_state(path[STATE_FILE], config, net, optimizer, rng, prep)
+            say(f"resuming {config['save_dir']} after epoch {run['epoch']} of "
+                f"{config['epochs']}")
+    first, signum = run["epoch"] + 1, None  # the first epoch this process runs
     try:
         while not run["stopped"] and run["epoch"] < config["epochs"]:
             if cli.stop_signal:  # caught by cli.stop_on_signals, its exception dropped
@@ -193,6 +208,10 @@ def _train(config, data, on_epoch, progress, evaluate_test, verbose, resume):
             say(f"epoch {epoch:3d}  train loss {train_loss:.4f} acc {train_acc:.4f}  val loss "
                 f"{val_loss:.4f} acc {val_acc:.4f}  lr {lr:.4g}  {record['seconds']:.1f}s"
                 + ("  *best" if improved else ""))
+            if epoch == first < config["epochs"]:
+                left = config["epochs"] - epoch
+                say(f"at this pace the other {left} epochs take about "
+                    f"{in_words(record['seconds'] * left)}")
             if on_epoch:
                 on_epoch(record)
         if run["stopped"] == "early_stopping":
@@ -218,11 +237,24 @@ def _train(config, data, on_epoch, progress, evaluate_test, verbose, resume):
             "test_acc_without_flip_average": test_acc_single, "tflop": run["flops"] / 1e12}
 
 
+def in_words(seconds):
+    """A duration for people: 40 s, 12 min, 2.5 h."""
+    return (f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400
+            else f"{seconds / 3600:.2g} h")
+
+
+def preset_time(name):
+    """A preset's epochs and how long it takes at most on 2 cores, in words."""
+    return (f"{cfg.make_config(name)['epochs']} epochs, up to "
+            f"{in_words(60 * cfg.PRESET_MINUTES[name])} on 2 cores")
+
+
 def main(argv):
     parser = cli.Parser(description="Train the three-layer network on CIFAR-10. Every "
                         "configuration key is an option; the defaults are config.py's.")
     parser.add_argument("--preset", default="default", choices=sorted(cfg.PRESETS),
-                        help="a named recipe from config.py, applied before the other options")
+                        help="a named recipe from config.py, applied before the other options: "
+                        + ", ".join(f"{name} ({preset_time(name)})" for name in cfg.PRESETS))
     parser.add_argument("--resume", action="store_true",
                         help=f"continue the run in --save-dir from its last completed epoch "
                         f"({STATE_FILE}); give the same options as the run you continue")
@@ -238,14 +270,14 @@ def main(argv):
     start = time.perf_counter()
     result = train(config, progress=not args.no_progress, evaluate_test=True, verbose=True,
                    resume=args.resume)
-    minutes = (time.perf_counter() - start) / 60
+    seconds = time.perf_counter() - start
     if not result["best_epoch"]:
         sys.stderr.write("stopped before the first epoch ended: nothing was saved\n")
         return 128 + (result["signal"] or 2)
-    print(f"Best validation accuracy: {result['best_val_acc']:.4f} (epoch {result['best_epoch']} "
-          f"of {result['epochs_run']}, {result['stopped']}, {minutes:.1f} min)")
-    print(f"Saved: {result['checkpoint']}, {HISTORY_FILE} and {CURVES_FILE} in "
-          f"{config['save_dir']}")
+    print(f"Best validation accuracy: {result['best_val_acc']:.4f} at epoch "
+          f"{result['best_epoch']} ({result['epochs_run']} of {config['epochs']} epochs run, "
+          f"{result['stopped'].replace('_', ' ')}, {in_words(seconds)})")
+    print(f"Saved in {config['save_dir']}: {BEST_FILE}, {HISTORY_FILE}, {CURVES_FILE}")
     print(f"Training compute: {result['tflop']:.1f} TFLOP")
     print(f"Test accuracy: {result['test_acc']:.4f}")
     if result["test_acc_without_flip_average"] is not None:

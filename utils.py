@@ -10,10 +10,12 @@ import json
 import math
 import os
 import re
+import textwrap
 
 import numpy as np
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 import checkpoint
 import cli
@@ -67,8 +69,19 @@ def save_figure(fig, path, dpi=100):
         fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")
 
 
+def count_axis(ax, values):
+    """Integer ticks on the x axis of a count (epochs, trials), and limits half a step or more
+    beyond the values: a lone value gets one tick, not ticks at 0.945 ... 1.050."""
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1, steps=[1, 2, 5, 10]))
+    if len(values):
+        low, high = min(values), max(values)
+        pad = max(0.5, 0.03 * (high - low))
+        ax.set_xlim(low - pad, high + pad)
+
+
 def plot_history(records, path):
-    """Training curves: loss, accuracy and learning rate per epoch, from train.py's records."""
+    """Training curves: loss, accuracy and learning rate per epoch, from train.py's records.
+    Each legend gives the last value, so a run of one epoch (a dot per curve) still reads."""
     fig = Figure(figsize=(15, 4.2), layout="constrained")
     axes = fig.subplots(1, 3)
     panels = [("Cross-entropy loss", [("train_loss", "train"), ("val_loss", "validation")]),
@@ -79,9 +92,10 @@ def plot_history(records, path):
             points = [(r["epoch"], r[key]) for r in records if r.get(key) is not None]
             if points:
                 ax.plot(*zip(*points), marker="o" if len(points) < 30 else None,
-                        markersize=3, label=label)
+                        markersize=3 if len(points) > 2 else 6,
+                        label=label and f"{label}, last {points[-1][1]:.4f}")
         ax.set(title=title, xlabel="epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        count_axis(ax, [r["epoch"] for r in records])
         ax.grid(alpha=0.3)
         if ax.has_data() and any(label for _, label in series):
             ax.legend()
@@ -93,21 +107,53 @@ def plot_history(records, path):
     save_figure(fig, path)
 
 
-def plot_weights(w1, path, n=100):
-    """The first `n` first-layer weight vectors as 32x32 colour images, each scaled to [0, 1]."""
+# What weights.png shows, by whether the network sees whitened images.
+WEIGHTS_SHOWN = {
+    False: "Each unit's weights over the normalised pixels, drawn as an image: the input it "
+           "responds to most.",
+    True: "The network sees whitened images, so each unit's weights are mapped back to pixels "
+          "through the whitening's pseudo-inverse: the image the unit responds to most. (Its "
+          "filter on raw pixels, whitening @ w1, looks like fine coloured noise: whitening "
+          "amplifies fine detail.)",
+}
+WEIGHTS_NOTE = ("Part of each is still the random start, the more so after a short run. Each "
+                "image is scaled to its own range.")
+
+
+def input_patterns(w1, prep):
+    """What each first-layer unit responds to, as images (3072, units) of pixel deviations from
+    the mean image.
+
+    A unit computes w . x of the network's input x. The input x it responds to most (at a given
+    length) is w itself: without whitening that is a pattern of normalised pixels, with it a
+    pattern of whitened components, which the pseudo-inverse of the whitening maps back to the
+    normalised-pixel image whose whitening it is. Times the pixels' spread, either is in pixels.
+    """
+    if len(prep.std) != PIXELS:
+        raise cli.Error(f"first-layer weights over {len(prep.std)} values per image are not "
+                        f"of 32x32 RGB images (need {PIXELS})")
     w1 = np.asarray(w1, dtype=np.float64)
-    if w1.ndim != 2 or w1.shape[0] != PIXELS:
-        raise cli.Error(f"first-layer weights of shape {w1.shape} are not 32x32 RGB images "
-                        f"(need {PIXELS} rows)")
-    n = min(n, w1.shape[1])
+    if prep.whitening is not None:
+        w1 = np.linalg.pinv(prep.whitening.astype(np.float64)).T @ w1
+    return w1 * np.asarray(prep.std, np.float64)[:, None]
+
+
+def plot_weights(w1, prep, path, n=100):
+    """What the first `n` units of a first layer `w1` respond to (`input_patterns`; `prep` is
+    the network's data_loader.Preprocessing) as 32x32 colour images, each scaled to [0, 1],
+    under a caption that says what they are."""
+    patterns = input_patterns(w1, prep)
+    n = min(n, patterns.shape[1])
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
-    fig = Figure(figsize=(cols * 0.9, rows * 0.9 + 0.6), layout="constrained")
-    fig.suptitle(f"First-layer weights: {n} of {w1.shape[1]} hidden units")
+    fig = Figure(figsize=(max(cols * 0.9, 6), rows * 0.9 + 1.1), layout="constrained")
+    shown = f"{WEIGHTS_SHOWN[prep.whitening is not None]} {WEIGHTS_NOTE}"
+    fig.suptitle(f"What the first layer responds to: {n} of {patterns.shape[1]} hidden units\n"
+                 + textwrap.fill(shown, 110), fontsize="medium")
     for j, ax in enumerate(fig.subplots(rows, cols, squeeze=False).flat):
         ax.set_axis_off()
         if j < n:
-            image = w1[:, j].reshape(IMAGE_SHAPE).transpose(1, 2, 0)
+            image = patterns[:, j].reshape(IMAGE_SHAPE).transpose(1, 2, 0)
             low, high = image.min(), image.max()
             ax.imshow((image - low) / (high - low) if high > low else np.zeros_like(image),
                       interpolation="nearest")
@@ -156,53 +202,112 @@ def plot_misclassified(images, labels, predictions, class_names, path, n=32):
     save_figure(fig, path)
 
 
+def fmt(value):
+    """A parameter value, short (4 significant digits) and safe to print."""
+    return f"{value:.4g}" if isinstance(value, float) else cli.shown(value)
+
+
 def plot_search(study, out_dir, space, names):
-    """A search's pictures in `out_dir`, named by `names` (hyperparam_tuning.FILES): the
-    optimization history (trials numbered as integers), parameter importances by PED-ANOVA
-    (named here: Optuna 4's default, fANOVA, needs scikit-learn), and validation accuracy
-    against the two most important searched parameters that varied, in val_acc_<a>_<b>.png
-    (older such plots removed). Optuna's style stays in an rc_context. Returns the name of
-    that last plot and why there are no importances."""
-    import warnings
-
-    import matplotlib
-    matplotlib.use("agg")
-    import matplotlib.pyplot as plt
+    """A search's pictures in `out_dir`, named by `names` (search_report.FILES), drawn like every
+    other figure here: each complete trial's validation accuracy and the best so far; the
+    importances of the searched parameters by PED-ANOVA (named here: Optuna 4's default,
+    fANOVA, needs scikit-learn), when two or more vary (one alone is 1 by definition); and
+    validation accuracy against the two most important that varied, in val_acc_<a>_<b>.png.
+    Plots of an earlier state that no longer apply are removed. Returns the name of that last
+    plot and why there are no importances."""
     import optuna
-    import optuna.visualization.matplotlib as plots
 
-    def save(axes, name):  # Axes, or an array of them
-        figure = np.ravel(axes)[0].figure
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    plot_trials(complete, os.path.join(out_dir, names["history"]))
+    varied = [k for k in space if len({str(t.params.get(k)) for t in complete}) > 1]
+    importances, why_not = {}, None
+    if len(varied) < 2:
+        why_not = (f"only {varied[0]} varies, and one parameter alone has importance 1"
+                   if varied else "no parameter varies among the complete trials")
+    else:
         try:
-            save_figure(figure, os.path.join(out_dir, name))
-        finally:
-            plt.close(figure)
-
-    target, evaluator = "validation accuracy", optuna.importance.PedAnovaImportanceEvaluator()
-    with matplotlib.rc_context(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Optuna's matplotlib plots are "experimental"
-        history = plots.plot_optimization_history(study, target_name=target)
-        history.xaxis.set_major_locator(MaxNLocator(integer=True))
-        save(history, names["history"])
-        try:
-            importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
-            why_not = None if importances else "no parameter varies among the complete trials"
+            importances = optuna.importance.get_param_importances(
+                study, evaluator=optuna.importance.PedAnovaImportanceEvaluator())
         except Exception as exc:  # too few complete trials
-            importances, why_not = {}, f"{type(exc).__name__}: {exc}"
-        if importances:
-            save(plots.plot_param_importances(study, evaluator=evaluator, target_name=target),
-                 names["importance"])
-        complete = study.get_trials(deepcopy=False,
-                                    states=(optuna.trial.TrialState.COMPLETE,))
-        varied = [k for k in space if len({str(t.params.get(k)) for t in complete}) > 1]
-        shown = sorted(varied, key=lambda k: -importances.get(k, 0))[:2]
-        pair = f"val_acc_{'_'.join(shown)}.png" if shown else None
-        for old in os.listdir(out_dir):
-            if re.fullmatch(r"val_acc_.*\.png", old) and old != pair:
-                os.remove(os.path.join(out_dir, old))
-        if shown:
-            save(plots.plot_slice(study, params=shown, target_name=target), pair)
+            why_not = f"{type(exc).__name__}: {exc}"
+    shown = sorted(varied, key=lambda k: -importances.get(k, 0))[:2]
+    pair = f"val_acc_{'_'.join(shown)}.png" if shown else None
+    keep = {pair, names["importance"] if importances else None}
+    for old in os.listdir(out_dir):
+        if (re.fullmatch(r"val_acc_.*\.png", old) or old == names["importance"]) and \
+                old not in keep:
+            os.remove(os.path.join(out_dir, old))
+    if importances:
+        plot_importances(importances, os.path.join(out_dir, names["importance"]))
+    if shown:
+        plot_slices(complete, shown, space, os.path.join(out_dir, pair))
     return pair, why_not
+
+
+def plot_trials(trials, path):
+    """Each complete trial's validation accuracy by trial number, and the best so far."""
+    fig = Figure(figsize=(7, 4.2), layout="constrained")
+    ax = fig.subplots()
+    numbers, values = [t.number for t in trials], [t.value for t in trials]
+    title = "Search: no trial has completed yet"
+    if trials:
+        ax.plot(numbers, values, "o", label="a complete trial")
+        ax.step(numbers, np.maximum.accumulate(values), where="post", label="best so far")
+        best = int(np.argmax(values))  # of equals, the earlier, as the report ranks them
+        title = (f"Search: validation accuracy of each trial (best {values[best]:.4f}, "
+                 f"trial {numbers[best]})")
+        ax.legend()
+    ax.set(title=title, xlabel="trial", ylabel="validation accuracy")
+    count_axis(ax, numbers)
+    ax.grid(alpha=0.3)
+    save_figure(fig, path)
+
+
+def plot_importances(importances, path):
+    """Horizontal bars of the searched parameters' importances (they sum to 1), largest on top."""
+    keys = list(importances)[::-1]
+    fig = Figure(figsize=(7, 1.4 + 0.45 * len(keys)), layout="constrained")
+    ax = fig.subplots()
+    bars = ax.barh(keys, [importances[k] for k in keys])
+    ax.bar_label(bars, fmt="%.2f", padding=3)
+    ax.set(xlim=(0, 1.1), title="Search: how much each parameter moves the validation accuracy",
+           xlabel="importance (PED-ANOVA; they sum to 1)")
+    ax.grid(axis="x", alpha=0.3)
+    save_figure(fig, path)
+
+
+def plot_slices(trials, keys, space, path):
+    """Validation accuracy against each searched parameter in `keys`, a panel each; every
+    complete trial is a dot coloured by its number. Lists of values are evenly spaced in the
+    order given; ranges are numeric axes (logarithmic for :log, whole numbers for ints)."""
+    fig = Figure(figsize=(1.5 + 4.5 * len(keys), 4.4), layout="constrained")
+    axes = fig.subplots(1, len(keys), sharey=True, squeeze=False)[0]
+    numbers = [t.number for t in trials]
+    colours = Normalize(min(numbers), max(max(numbers), min(numbers) + 1))
+    for ax, key in zip(axes, keys):
+        choices = space[key].get("choices")
+        x = [choices.index(t.params[key]) if choices else t.params[key] for t in trials]
+        dots = ax.scatter(x, [t.value for t in trials], c=numbers, cmap="viridis", norm=colours,
+                          edgecolors="black", linewidths=0.5, zorder=2)
+        if choices:
+            ax.set_xticks(range(len(choices)), [fmt(c) for c in choices])
+            ax.set_xlim(-0.5, len(choices) - 0.5)
+        elif space[key]["log"]:  # ticks written as numbers, at 1, 2 and 5 in a short range
+            ax.set_xscale("log")
+            short = space[key]["high"] <= 30 * space[key]["low"]
+            ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5) if short else (1,)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        elif space[key]["int"]:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set(xlabel=key)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("validation accuracy")
+    bar = fig.colorbar(dots, ax=list(axes), label="trial")
+    bar.ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(f"Search: validation accuracy against {' and '.join(keys)} "
+                 "(a dot per complete trial)")
+    save_figure(fig, path)
 
 
 # --- command line -----------------------------------------------------------------------------
@@ -279,8 +384,7 @@ def main(argv=None):
         plot(*plot_args, os.path.join(out_dir, name))
         print(f"wrote {cli.shown(os.path.join(out_dir, name))}")
 
-    whitening = meta["prep"].whitening  # first-layer weights as seen from the pixels
-    draw(plot_weights, WEIGHTS_PNG, net.w1 if whitening is None else whitening @ net.w1)
+    draw(plot_weights, WEIGHTS_PNG, net.w1, meta["prep"])
     history = os.path.join(os.path.dirname(os.path.abspath(args.model)), "history.json")
     if os.path.exists(history):
         draw(plot_history, CURVES_PNG, load_history(history))

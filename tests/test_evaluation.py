@@ -124,7 +124,8 @@ def test_every_plot_writes_a_png(tmp_path):
     images = rng.integers(0, 256, (50, 3072), dtype=np.uint8)
     labels, predictions = rng.integers(0, 10, 50), rng.integers(0, 10, 50)
     utils.plot_history(records, tmp_path / "curves.png")
-    utils.plot_weights(rng.normal(size=(3072, 12)), tmp_path / "weights.png")
+    prep = data_loader.Preprocessing(np.zeros(3072), np.ones(3072))
+    utils.plot_weights(rng.normal(size=(3072, 12)), prep, tmp_path / "weights.png")
     utils.plot_confusion(utils.confusion_matrix(labels, predictions, 10), data_loader.CLASS_NAMES,
                          tmp_path / "confusion.png")
     utils.plot_misclassified(images, labels, predictions, data_loader.CLASS_NAMES,
@@ -138,10 +139,40 @@ def test_every_plot_writes_a_png(tmp_path):
         assert_png(tmp_path / name)
 
 
+@pytest.mark.parametrize("values,ticks", [([1], [1]), ([1, 2], [1, 2]), ([0, 1, 2], [0, 1, 2]),
+                                          (range(1, 101), [0, 20, 40, 60, 80, 100])])
+def test_epochs_and_trials_are_counted_in_whole_ticks(values, ticks):
+    """A one-epoch history had ticks 0.945 ... 1.050."""
+    from matplotlib.figure import Figure
+
+    ax = Figure().subplots()
+    ax.plot(values, np.ones(len(values)))
+    utils.count_axis(ax, values)
+    low, high = ax.get_xlim()
+    assert low < min(values) and max(values) < high
+    assert [t for t in ax.get_xticks() if low <= t <= high] == ticks
+
+
 def test_weights_that_are_not_images_are_refused(tmp_path):
+    prep = data_loader.Preprocessing(np.zeros(100), np.ones(100))
     with pytest.raises(cli.Error, match="32x32"):
-        utils.plot_weights(np.zeros((100, 8)), tmp_path / "w.png")
+        utils.plot_weights(np.zeros((100, 8)), prep, tmp_path / "w.png")
     assert not (tmp_path / "w.png").exists()
+
+
+def test_weights_are_drawn_as_the_images_that_become_them():
+    """A whitened network's weights are drawn as the pixel images whose whitened form they are
+    (their filter on pixels, whitening @ w1, is mostly the fine detail whitening amplifies);
+    a plain one's as the pixel images whose normalised form they are."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (300, 3072), dtype=np.uint8)
+    whitened, _ = data_loader.fit_preprocessing(images, whiten=20)
+    plain = data_loader.Preprocessing(whitened.mean, whitened.std)
+    for prep, w1 in ((whitened, rng.normal(size=(20, 5))), (plain, rng.normal(size=(3072, 5)))):
+        patterns = utils.input_patterns(w1, prep)
+        assert patterns.shape == (3072, 5)
+        network_input = data_loader.preprocess(patterns.T + prep.mean, prep, np.float64)
+        assert np.allclose(network_input, w1.T, atol=1e-4 * abs(w1).max())
 
 
 # --- test.py on a test set --------------------------------------------------------------------
@@ -240,13 +271,17 @@ def test_images_are_classified_with_top_three(checkpoint, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("content", [None, b"this is not a picture", PNG_MAGIC + b"\0" * 20])
-def test_unreadable_image_is_one_clear_error(checkpoint, tmp_path, capsys, content):
-    good, bad = tmp_path / "good.png", tmp_path / "bad.png"
+def test_an_unreadable_image_is_one_error_line_and_the_others_are_classified(
+        checkpoint, tmp_path, capsys, content):
+    good, bad, also_good = tmp_path / "good.png", tmp_path / "bad.png", tmp_path / "also.jpg"
     Image.new("RGB", (32, 32)).save(good)
+    Image.new("RGB", (40, 30), "red").save(also_good)
     if content is not None:
         bad.write_bytes(content)
-    code, out, err = run(evaluate.main, ["--model", checkpoint, "--image", good, bad], capsys)
-    assert code == 1 and out == ""
+    code, out, err = run(evaluate.main, ["--model", checkpoint, "--image", good, bad, also_good],
+                         capsys)
+    assert code == 1
+    assert [line.split(": ")[0] for line in out.splitlines()] == [str(good), str(also_good)]
     assert_one_error_line(err, "cannot read image", bad)
 
 

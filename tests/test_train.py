@@ -1,5 +1,8 @@
 """train.py: schedules, the optimiser, and whole training runs on a small synthetic set."""
 import json
+import re
+import signal
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -135,12 +138,29 @@ def test_every_option_is_declared_once_and_reaches_the_command_line(capsys):
         assert f"--{key.replace('_', '-')}" in text and " ".join(option.help.split()) in text
     for alias in cfg.ALIASES:  # the report's names stay accepted at the edge
         assert f"--{alias.replace('_', '-')}" in text
+    for name in cfg.PRESETS:  # how long each recipe takes
+        assert f"{name} ({cfg.make_config(name)['epochs']} epochs, up to " in text
+    assert "default (100 epochs, up to 40 min on 2 cores)" in text
     assert cfg.make_config(learning_rate=0.3, reg_lambda=0.2)["lr"] == 0.3
     for key, option in cfg.OPTIONS.items():
         if option.range:
             low = float(option.range[1:].split(",")[0])
             with pytest.raises(train.cli.Error, match=f"--{key.replace('_', '-')}"):
                 cfg.make_config(**{key: type(option.default)(low - 1)})
+
+
+@pytest.mark.parametrize("seconds,words", [(5, "5 s"), (89, "89 s"), (90, "2 min"),
+                                           (2400, "40 min"), (5400, "1.5 h"), (7200, "2 h")])
+def test_durations_are_said_in_units_people_use(seconds, words):
+    assert train.in_words(seconds) == words
+
+
+@pytest.mark.parametrize("given,shown", [(0, "0"), ([0], "0"), ([512, 0], "512 0"),
+                                         ([-4], "-4"), ([1, 2, 3], "1 2 3")])
+def test_a_bad_hidden_size_is_named_as_it_was_given(given, shown):
+    with pytest.raises(cli.Error, match=f"--hidden-size takes one or two positive ints, got "
+                       f"{shown}$"):
+        cfg.make_config(hidden_size=given)
 
 
 def test_training_compute_is_counted_in_closed_form(tmp_path):
@@ -180,6 +200,21 @@ def test_benchmark_prints_both_configurations_and_where_the_time_goes(capsys):
         assert name in out
 
 
+@pytest.mark.parametrize("args,why", [
+    ([], "PyTorch is not installed (it is optional: pip install torch)"),
+    (["--activation", "tanh"], "its twin is the plain ReLU network without dropout, which "
+                               "these options change")])
+def test_benchmark_says_why_there_is_no_pytorch_comparison(capsys, monkeypatch, args, why):
+    import benchmark
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` fails as if not installed
+    monkeypatch.setattr(benchmark, "matmul_peak", lambda: 100.0)
+    assert benchmark.main(["--hidden-size", "8", "--batch-size", "16", "--n-images", "64",
+                           "--epochs", "1", *args]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line for line in lines if "PyTorch" in line] == [f"no PyTorch comparison: {why}"]
+
+
 def test_a_network_too_big_for_the_machine_is_refused_before_the_data_is_read(tmp_path):
     config = small_config(tmp_path, hidden_size=[10**12, 1], data_dir=str(tmp_path / "none"))
     with pytest.raises(cli.UsageError, match=r"--hidden-size 1000000000000 1 needs [\d,]+ GiB"):
@@ -187,3 +222,62 @@ def test_a_network_too_big_for_the_machine_is_refused_before_the_data_is_read(tm
     assert not any(tmp_path.iterdir())  # nothing read, nothing written
 
 
+
+
+# --- what train.py says ---------------------------------------------------------------------
+
+TINY_RUN = ["--epochs", "3", "--hidden-size", "8", "--val-size", "20", "--batch-size", "10",
+            "--warmup-epochs", "0", "--translate", "0", "--whiten", "16", "--no-progress"]
+
+
+def train_main(argv, capsys):
+    """train.py's command line in this process: (status, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(train.main, [str(a) for a in argv])
+    return (exit_info.value.code, *capsys.readouterr())
+
+
+def test_train_says_what_it_does_while_starting_and_how_long_the_rest_takes(cifar_dir,
+                                                                             tmp_path, capsys):
+    code, out, err = train_main([*TINY_RUN, "--data-dir", cifar_dir, "--save-dir", tmp_path],
+                                capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == f"read CIFAR-10 from {cifar_dir}: 100 training and 20 test images"
+    assert lines[1] == "whitening: 16 principal components from 80 training images..."
+    assert lines[2].startswith("epoch   1")
+    assert lines[3].startswith("at this pace the other 2 epochs take about ")
+    assert sum(line.startswith("at this pace") for line in lines) == 1
+
+
+def test_a_stop_after_the_first_epoch_counts_the_epochs_planned(cifar_dir, tmp_path, capsys,
+                                                                monkeypatch):
+    real = train.train_epoch
+
+    def stopped_in_epoch_2(*args):
+        if args[6] == 2:
+            raise cli.Stopped(signal.SIGTERM)
+        return real(*args)
+
+    monkeypatch.setattr(train, "train_epoch", stopped_in_epoch_2)
+    code, out, err = train_main([*TINY_RUN, "--data-dir", cifar_dir, "--save-dir", tmp_path],
+                                capsys)
+    assert code == 143, err
+    assert re.search(r"^Best validation accuracy: 0\.\d{4} at epoch 1 \(1 of 3 epochs run, "
+                     r"interrupted, \d+ s\)$", out, re.M), out
+    assert f"Saved in {tmp_path}: best.npy, history.json, curves.png\n" in out
+
+
+def test_a_stop_while_starting_up_says_that_nothing_was_written(cifar_dir, tmp_path, capsys,
+                                                                monkeypatch):
+    def stopped(*args):
+        raise cli.Stopped(signal.SIGTERM)
+
+    monkeypatch.setattr(train.data_loader, "fit_preprocessing", stopped)
+    save_dir = tmp_path / "results"
+    code, out, err = train_main([*TINY_RUN, "--data-dir", cifar_dir, "--save-dir", save_dir],
+                                capsys)
+    assert code == 143
+    assert err == ("error: stopped by SIGTERM while starting up, before the first epoch: "
+                   "nothing was written; run the same command again\n")
+    assert not save_dir.exists() or not any(p.name[0] != "." for p in save_dir.iterdir())

@@ -25,6 +25,7 @@ import pytest
 
 import checkpoint
 import cli
+import config as cfg
 import files
 import hyperparam_tuning as ht
 import search_report
@@ -138,6 +139,42 @@ def test_bad_input_is_refused_before_any_work(tmp_path, data_dir, args, message)
     assert not (tmp_path / "out").exists()
 
 
+def test_help_shows_the_defaults_that_trials_start_from():
+    text = " ".join(ht.build_parser().format_help().split())
+    trial = cfg.make_config(ht.DEFAULT_PRESET)
+    assert "--epochs EPOCHS passes over the training split (default: 9)" in text
+    assert f"two ints (default: {trial['hidden_size']})" in text
+    assert "(default: 100)" not in text and "(default: [1024, 1024])" not in text
+    assert "KEY is any training option above" in text  # the epilog comes last
+    assert "(16 trials of --preset fast, each 9 epochs, up to 2 min on 2 cores)" in text
+
+
+def test_a_signal_while_the_data_is_read_says_that_nothing_was_written(tmp_path, data_dir,
+                                                                       capsys, monkeypatch):
+    def stopped(*args, **kwargs):
+        raise cli.Stopped(signal.SIGTERM)
+
+    monkeypatch.setattr(ht.data_loader, "load_data", stopped)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(lambda argv: search(tmp_path / "out", data_dir), [])
+    assert exit_info.value.code == 143
+    assert capsys.readouterr().err == ("error: stopped by SIGTERM while reading the data, "
+                                       "before any trial: nothing was written; run the same "
+                                       "command again\n")
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "step"])
+def test_best_result_lists_lr_decay_only_where_it_acts(tmp_path, schedule):
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(optuna.trial.create_trial(value=0.5, user_attrs={
+        "config": cfg.make_config(lr_schedule=schedule)}))
+    plan = {"out_dir": str(tmp_path), "study_name": "s", "sampler": "grid"}
+    best = search_report.write_best(study.best_trial, plan)
+    assert ("lr_decay" in best["best_params"]) == (schedule == "step")
+    assert json.loads((tmp_path / "best_result.json").read_text())["best_params"] == \
+        best["best_params"]
+
+
 def test_usage_errors_exit_2(tmp_path, data_dir, capsys):
     bad_values = (["--workers", "0"], ["--workers", str(ht.MAX_WORKERS + 1)],
                   ["--sampler", "bayes"], ["--study-name", "a/b"], ["--sampler-seed", "-1"],
@@ -211,7 +248,7 @@ def test_grid_runs_each_combination_once_and_writes_everything(tmp_path, data_di
 
     best = json.loads((out / "best_result.json").read_text())
     assert set(best["best_params"]) == {"learning_rate", "hidden_size", "reg_lambda",
-                                        "activation", "lr_decay"}
+                                        "activation"}  # no lr_decay: it acts only in step
     assert best["best_val_acc"] == max(t.value for t in trials) > 0.5
     assert (out / "best.npy").read_bytes() == open(best["trial_checkpoint"], "rb").read()
     net, meta = checkpoint.load_checkpoint(str(out / "best.npy"))
@@ -226,6 +263,49 @@ def test_grid_runs_each_combination_once_and_writes_everything(tmp_path, data_di
     assert "0 to run" in capsys.readouterr().out
     assert [t.datetime_complete for t in load_trials(str(out / "study.journal"))] == \
         [t.datetime_complete for t in trials]
+
+
+def test_one_searched_parameter_draws_no_importance_and_says_why(tmp_path, data_dir, capsys,
+                                                                 monkeypatch):
+    """A lone parameter's importance is 1 by definition: its plot was a single bar at 1.00."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "param_importance.png").write_bytes(b"from an earlier state")
+    assert search(out, data_dir, "--space", "lr=0.05,0.02", monkeypatch=monkeypatch) == 0
+    printed = capsys.readouterr().out
+    assert "(parameter importance not drawn: only lr varies" in printed
+    saved = next(line for line in printed.splitlines() if line.startswith("Saved in"))
+    assert "val_acc_lr.png" in saved and "param_importance.png" not in saved
+    assert not (out / "param_importance.png").exists() and (out / "val_acc_lr.png").exists()
+
+
+def test_search_plots_say_what_they_show_and_number_trials_in_whole_numbers(tmp_path,
+                                                                            monkeypatch):
+    """Optuna's own plots were titled "Slice Plot", numbered trials 0.0, 0.2, ... on the
+    colour bar, drew trial 0 white on grey and squeezed the plot beside its legend."""
+    drawn = {}
+    monkeypatch.setattr(utils, "save_figure",
+                        lambda fig, path: drawn.setdefault(os.path.basename(path), fig))
+    space = search_space.parse_space(["lr=0.01,0.05", "reg=1e-4:1e-2:log", "activation=relu"])
+    study = optuna.create_study(direction="maximize")
+    for lr, reg, acc in [(0.01, 1e-3, 0.3), (0.05, 1e-4, 0.4), (0.05, 1e-2, 0.35)]:
+        study.add_trial(optuna.trial.create_trial(
+            params={"lr": lr, "reg": reg, "activation": "relu"}, value=acc,
+            distributions=search_space.distributions(space)))
+    pair, _ = utils.plot_search(study, str(tmp_path), space, search_report.FILES)
+    assert pair in ("val_acc_lr_reg.png", "val_acc_reg_lr.png")
+    slices = drawn[pair]
+    assert "validation accuracy against" in slices.get_suptitle()
+    *panels, colour_bar = slices.axes
+    assert sorted(ax.get_xlabel() for ax in panels) == ["lr", "reg"]
+    low, high = colour_bar.get_ylim()
+    assert [t for t in colour_bar.get_yticks() if low <= t <= high] == [0, 1, 2]
+    first = panels[0].collections[0].get_facecolors()[0]
+    assert first[:3].sum() < 2.5  # trial 0 is not (nearly) white
+    history = drawn[search_report.FILES["history"]]
+    assert "best 0.4000, trial 1" in history.axes[0].get_title()
+    for fig in drawn.values():  # this project's look, not Optuna's grey ggplot style
+        assert all(ax.get_facecolor()[:3] == (1.0, 1.0, 1.0) for ax in fig.axes)
 
 
 def test_a_rerun_with_other_options_is_refused(tmp_path, data_dir, monkeypatch):
