@@ -74,6 +74,11 @@ def make_plan(args):
                 model.get_activation(config["activation"])
             except cli.Error as exc:
                 raise cli.Error(f"--space {key}={value}: {exc}") from None
+    for config in largest_networks(args.preset, fixed, space):
+        try:
+            train.check_network(config)
+        except cli.Error as exc:
+            raise cli.Error(f"--space: {exc}") from None
     if "lr_decay" in space and base["lr_schedule"] != "step":
         print("note: lr_decay only acts with --lr-schedule step", file=sys.stderr)
     out_dir = args.out_dir or os.path.join("results", args.study_name)
@@ -89,6 +94,23 @@ def make_plan(args):
             "fixed": fixed, "base": base, "n_trials": n_trials,
             "deadline": time.time() + args.timeout if args.timeout else None,
             "data_dir": base["data_dir"], "parent_pid": None}
+
+
+def largest_networks(preset, fixed, space):
+    """A configuration for each hidden size the search may train, with the most inputs and the
+    widest dtype it allows: no trial's network is larger than one of these."""
+    def values(key):
+        p = space.get(key)
+        if p is None:
+            return [cfg.make_config(preset, **fixed)[key]]
+        found = p["choices"] if "choices" in p else [p["low"], p["high"]]
+        return [search_space.config_values({key: v})[key] for v in found]
+
+    whiten = max(values("whiten"), key=lambda w: w or data_loader.PIXELS)  # 0: every pixel
+    dtype = max(values("dtype"), key=lambda d: np.dtype(d).itemsize)
+    for hidden in values("hidden_size"):
+        yield cfg.make_config(preset, **{**fixed, "hidden_size": hidden, "whiten": whiten,
+                                         "dtype": dtype})
 
 
 def make_sampler(plan, worker, n_trials):

@@ -9,6 +9,8 @@ import checkpoint
 import cli
 import config as cfg
 import inference
+import limits
+import model
 import train
 
 
@@ -187,3 +189,45 @@ def test_a_network_too_big_for_the_machine_is_refused_before_the_data_is_read(tm
     assert not any(tmp_path.iterdir())  # nothing read, nothing written
 
 
+
+
+@pytest.mark.parametrize("options", [
+    dict(hidden_size=[4100, 4100], dtype="float64"),  # w2 over 128 MiB
+    dict(hidden_size=[5793, 5793]),  # the same in float32
+    dict(hidden_size=[131_073, 1], whiten=1, dtype="float64"),  # b1 over 1 MiB
+], ids=["float64 4100", "float32 5793", "first-layer bias"])
+def test_a_network_its_own_loader_would_refuse_is_refused_before_the_data_is_read(
+        tmp_path, options, monkeypatch):
+    """Issue 24, item 3: these trained to the end, then their best.npy could not be loaded."""
+    monkeypatch.setenv("CIFAR10_URL", "http://127.0.0.1:9/none")  # never a download
+    config = small_config(tmp_path, **options, data_dir=str(tmp_path / "none"))
+    with pytest.raises(cli.UsageError, match="its checkpoint would not load .* more than the"):
+        train.train(config)
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_largest_network_training_allows_loads(tmp_path):
+    """One table: at the bound, what training accepts its loader reads, and one more is
+    refused by both."""
+    config = small_config(tmp_path, hidden_size=[1, 131_072], whiten=1, dtype="float64")
+    train.check_network(config)
+    net = model.ThreeLayerNN(1, (1, 131_072), 10, dtype=np.float64)
+    checkpoint.save_checkpoint(tmp_path / "best.npy", net, np.zeros(1), np.ones(1),
+                               [str(k) for k in range(10)], config)
+    checkpoint.load_checkpoint(tmp_path / "best.npy")
+    with pytest.raises(cli.UsageError, match="b2 of shape"):
+        train.check_network({**config, "hidden_size": [1, 131_073]})
+    net = model.ThreeLayerNN(1, (1, 131_073), 10, dtype=np.float64)
+    with pytest.raises(checkpoint.CheckpointError, match="cannot save .*b2 of shape"):
+        checkpoint.save_checkpoint(tmp_path / "best.npy", net, np.zeros(1), np.ones(1),
+                                   [str(k) for k in range(10)], config)
+
+
+def test_the_meta_of_10000_epochs_fits_its_limit():
+    """config.py allows 10,000 epochs: a state's history of that many fits `meta`."""
+    record = {"epoch": 10_000, "train_loss": 1 / 3, "train_acc": 1 / 7, "val_loss": 2 / 3,
+              "val_acc": 1 / 9, "lr": 1 / 11, "tflop": 1e6 / 3, "seconds": 1e4 / 3}
+    run = {**checkpoint.new_run(), "history": [record] * 10_000}
+    meta = {"config": cfg.make_config(save_dir="x" * 4096, data_dir="y" * 4096), "run": run,
+            "class_names": ["x" * limits.CLASS_NAME_CHARS] * 10}
+    assert len(json.dumps(meta)) <= limits.META_CHARS
