@@ -4,6 +4,7 @@ Each test builds its attack synthetically. Bombs run in a child process that rep
 peak memory (ru_maxrss) and, for disk, runs under RLIMIT_FSIZE, so a regression shows as a
 number over its bound or a child killed by SIGXFSZ, never as a full machine.
 """
+import codecs
 import hashlib
 import http.server
 import io
@@ -28,7 +29,9 @@ from PIL import Image
 import checkpoint
 import cifar10
 import cli
+import conftest
 import data_loader
+import limits
 import model
 import utils
 from conftest import load_script, make_cifar_dir
@@ -362,20 +365,21 @@ def member(name, size=None, content=b"", **pax):
     return info, content
 
 
+OVER_MEMBER = limits.ARCHIVE_MEMBER_BYTES + MB
 LOAD = "lambda folder, md5: data_loader.load_data(folder, url='http://127.0.0.1:9/', md5=md5)"
 
 
 @pytest.mark.parametrize("extra, message", [
-    (lambda: [member("cifar-10-batches-py/data_batch_1", content=bytes(100 * MB))], "more than"),
-    (lambda: [member("cifar-10-batches-py/unlisted", content=bytes(100 * MB))], "more than"),
+    (lambda: [member("cifar-10-batches-py/data_batch_1", content=bytes(OVER_MEMBER))], "more than"),
+    (lambda: [member("cifar-10-batches-py/unlisted", content=bytes(OVER_MEMBER))], "more than"),
     (lambda: [member("cifar-10-batches-py/readme.html", content=b"x", comment="c" * (60 * MB))],
      "extended header"),
-], ids=["batch of 100 MB", "unlisted member of 100 MB", "pax header of 60 MB"])
+], ids=["batch past the cap", "unlisted member past the cap", "pax header of 60 MB"])
 def test_tar_bombs_write_and_hold_little(tmp_path, extra, message):
     """Item 4: a 3 MB archive with a 3 GiB member wrote 3 GB before the fix; a pax header of
     60 MB (past the list) took 3 times that in memory."""
     data_dir, md5 = hostile_archive(tmp_path, extra())
-    report = measured(LOAD, data_dir, md5, fsize=cifar10.MAX_MEMBER_BYTES + MB)
+    report = measured(LOAD, data_dir, md5, fsize=limits.ARCHIVE_MEMBER_BYTES + MB)
     assert message in report["error"] and report["maxrss_mb"] < 150, report
     assert os.listdir(data_dir) == [cifar10.ARCHIVE]
 
@@ -426,7 +430,7 @@ def endless():
 
 
 def test_an_endless_download_is_cut_at_the_cap(tmp_path, endless, monkeypatch):
-    monkeypatch.setattr(cifar10, "MAX_DOWNLOAD_BYTES", 8 * MB)
+    monkeypatch.setattr(limits, "DOWNLOAD_BYTES", 8 * MB)
     for path in ("/zeros", "/huge"):
         with pytest.raises(data_loader.DataError, match="larger than"):
             data_loader.load_data(tmp_path, url=endless + path, progress=False)
@@ -437,7 +441,7 @@ def test_file_urls_must_name_regular_files(tmp_path):
     os.mkfifo(tmp_path / "fifo")
     for url in ("file:///dev/zero", f"file://{tmp_path}/fifo"):
         result = run_child("import data_loader, sys; data_loader.load_data(sys.argv[1], "
-                           "url=sys.argv[2], progress=False)", tmp_path / "data", url, timeout=20)
+                           "url=sys.argv[2], progress=False)", tmp_path, url, timeout=20)
         assert "not a regular file" in result.stderr, result.stderr
 
 
@@ -699,3 +703,93 @@ def test_an_unreadable_data_folder_is_a_clear_error(tmp_path):
             os.chmod(unreadable, 0o755)
         assert_one_error_line(result, "data folder", "ermission denied")
         assert "PermissionError" not in result.stderr
+
+
+# --- issue 24: one memory budget for the batch unpickler --------------------------------------
+
+
+def shared_list_labels(k=7000):
+    """Item 1: labels that are k references to one list of k zeros (k² values, 31 KB)."""
+    return pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": [[0] * k] * k},
+                        protocol=2)
+
+
+def arrays_over_one_buffer(n=40):
+    """Item 1: n arrays built from one memoised 30 MB bytes object (each was a copy)."""
+    data = bytes(10_000 * 3072)
+    arrays = [crafted_array(("u1", False, True), (3, "|", None, None, None, -1, -1, 0),
+                            (10_000, 3072), data) for _ in range(n)]
+    return pickle.dumps({b"data": arrays[0], b"others": arrays}, protocol=3)
+
+
+def one_text_encoded_often(n=40):
+    """Item 1: one memoised 10 MB text that _codecs.encode turns into bytes n times."""
+    text = "\xff" * (10 << 20)
+    return pickle.dumps([Reduced(codecs.encode, (text, "latin1")) for _ in range(n)], protocol=2)
+
+
+def dtype_state_graph(k=9000):
+    """Past the list: a dtype state whose repr, once put in the error message, was k² long."""
+    return pickle.dumps(Reduced(np.dtype, ("u1", False, True), [[0] * k] * k), protocol=2)
+
+
+BATCH_BOMBS = {
+    "labels: k references to one list": shared_list_labels,
+    "arrays over one buffer": arrays_over_one_buffer,
+    "one text encoded often": one_text_encoded_often,
+    "a dtype state with a huge repr": dtype_state_graph,
+    "empty sets": lambda: b"\x80\x04" + b"\x8f" * (8 << 20) + b".",  # was 1.9 GB for 8 MB
+    "a memo index of 2**26": lambda: b"\x80\x02]r\xff\xff\xff\x03.",  # a memo of 1 GB
+}
+
+
+@pytest.mark.parametrize("bomb", BATCH_BOMBS)
+def test_batch_bombs_stay_within_the_unpicklers_budget(tmp_path, bomb):
+    """Item 1: whatever a batch file says, reading it takes at most its size plus
+    limits.UNPICKLED_BYTES (and the interpreter's 64 MB); most bombs are refused before
+    anything is built."""
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(BATCH_BOMBS[bomb]())
+    bound = 64 + (path.stat().st_size + limits.UNPICKLED_BYTES) / MB
+    report = measured("cifar10.read_batch", path)
+    assert "data_batch_1" in report["error"] and report["maxrss_mb"] < bound, report
+
+
+def test_a_full_batch_repickled_with_protocol_2_is_read_within_the_bound(tmp_path):
+    """Issue 23, item 3: NumPy 2 with protocol 2 writes a test batch of 44.7 MB, which the
+    40 MB cap refused. The cap follows 10,000 images in any protocol (limits.py)."""
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (10_000, 3072), np.uint8), np.arange(10_000) % 10
+    path = tmp_path / "test_batch"
+    path.write_bytes(conftest.batch_bytes(images, labels, protocol=2, legacy=False))
+    assert path.stat().st_size > 44 * MB
+    report = measured("cifar10.read_batch", path)
+    bound = 64 + (path.stat().st_size + limits.UNPICKLED_BYTES) / MB
+    assert report["error"] is None and report["maxrss_mb"] < bound, report
+
+
+@pytest.mark.parametrize("protocol", range(6))
+def test_the_batch_limits_hold_10000_images_in_any_protocol(protocol):
+    """The cap and the budget are derived, not guessed: the worst images (all 0: six-byte
+    escapes in protocol 0; all 255: two UTF-8 bytes in 1 and 2) with NumPy int labels and
+    50-character names fit them, image for image."""
+    n = 100
+    for value in (0, 255):
+        batch = {b"labels": [np.int64(k % 10) for k in range(n)],
+                 b"data": np.full((n, 3072), value, np.uint8),
+                 b"filenames": [b"%050d" % k for k in range(n)]}
+        raw = pickle.dumps(batch, protocol=protocol)
+        per_image = (len(raw) - (64 << 10)) / n
+        assert per_image * limits.IMAGES_PER_BATCH <= limits.BATCH_FILE_BYTES
+        unpickler = cifar10._BatchUnpickler(raw, "batch")
+        unpickler.load()
+        assert unpickler.spent / n * limits.IMAGES_PER_BATCH <= limits.UNPICKLED_BYTES
+
+
+def test_a_huge_bytearray_length_is_one_clear_error(tmp_path):
+    """Item 13: CPython printed `SystemError: ... exported buffers` before the error."""
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(b"\x80\x05\x96" + (1 << 40).to_bytes(8, "little") + b"x" * 100 + b".")
+    result = run_child("import cli, cifar10, sys; cli.run(lambda argv: cifar10.read_batch(argv[0]))",
+                       path)
+    assert_one_error_line(result, "data_batch_1", "runs past the end")
