@@ -1,5 +1,9 @@
 """train.py: schedules, the optimiser, and whole training runs on a small synthetic set."""
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +16,8 @@ import inference
 import limits
 import model
 import train
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def synthetic_data(n_train=600, n_test=200, seed=0):
@@ -231,3 +237,39 @@ def test_the_meta_of_10000_epochs_fits_its_limit():
     meta = {"config": cfg.make_config(save_dir="x" * 4096, data_dir="y" * 4096), "run": run,
             "class_names": ["x" * limits.CLASS_NAME_CHARS] * 10}
     assert len(json.dumps(meta)) <= limits.META_CHARS
+
+
+def test_the_memory_check_honours_an_address_space_limit(tmp_path):
+    """Issue 24, item 11: under `ulimit -v 2.5G`, --hidden-size 16000 passed the check (it
+    compared with the machine's memory) and died after loading the data."""
+    def limit():
+        import resource
+        resource.setrlimit(resource.RLIMIT_AS, (5 << 29, 5 << 29))
+
+    result = subprocess.run([sys.executable, "train.py", "--hidden-size", "16000", "--data-dir",
+                             tmp_path / "none", "--save-dir", tmp_path / "run"], cwd=ROOT,
+                            text=True, capture_output=True, timeout=60, preexec_fn=limit,
+                            env={**os.environ, "CIFAR10_URL": "http://127.0.0.1:9/none"})
+    assert result.returncode == 2, result.stderr
+    assert re.fullmatch(r"error: --hidden-size 16000 16000 needs 3 GiB .*; this process may "
+                        r"take [\d.]+ GiB\n", result.stderr), result.stderr
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_the_memory_check_honours_the_cgroup_limit(tmp_path, monkeypatch, version):
+    """A container's limit (cgroup v2 memory.max, or v1 memory.limit_in_bytes) of this
+    process's cgroup or a parent of it."""
+    root = tmp_path / "cgroup"
+    if version == 2:
+        line, folder, name = "0::/outer/inner", root, "memory.max"
+    else:
+        line, folder, name = "4:memory:/outer/inner", root / "memory", "memory.limit_in_bytes"
+    (folder / "outer" / "inner").mkdir(parents=True)
+    (folder / "outer" / name).write_text(f"{1 << 30}\n")
+    (folder / "outer" / "inner" / name).write_text("max\n" if version == 2 else f"{1 << 62}\n")
+    (tmp_path / "cgroup_of_self").write_text(f"1:cpu:/\n{line}\n")
+    monkeypatch.setattr(train, "CGROUP_ROOT", str(root))
+    monkeypatch.setattr(train, "PROC_CGROUP", str(tmp_path / "cgroup_of_self"))
+    assert train.memory_available() == 1 << 30
+    with pytest.raises(cli.UsageError, match="needs 3 GiB .* may take 1.0 GiB"):
+        train.check_network(small_config(tmp_path, hidden_size=[16000, 16000], whiten=384))

@@ -893,3 +893,17 @@ def test_processes_share_one_study_through_postgresql(tmp_path, data_dir, postgr
     assert_grid_once(trials, items)
     workers = {t.user_attrs["worker"]["pid"] for t in trials}
     assert len(workers) == 2, "both processes should have taken trials"
+
+
+def test_the_plan_checks_the_largest_network_of_the_space(monkeypatch):
+    """Issue 24, item 11: each hidden size of the space, with the most inputs and the widest
+    dtype it holds, must fit this process's memory and the checkpoint format, before any data
+    is read."""
+    monkeypatch.setattr(ht.train, "memory_available", lambda: 1 << 30)
+    args = ["--space", "hidden_size=256,16000", "whiten=0,256"]
+    with pytest.raises(cli.Error, match="--space: --hidden-size 16000 16000 needs 3 GiB"):
+        ht.make_plan(ht.build_parser().parse_args(args))
+    args = ["--space", "hidden_size=256,4100", "dtype=float32,float64"]
+    with pytest.raises(cli.Error, match="--space: .*4100 with --dtype float64 .*would not load"):
+        ht.make_plan(ht.build_parser().parse_args(args))
+    ht.make_plan(ht.build_parser().parse_args(["--space", "hidden_size=256,4100"]))
