@@ -440,6 +440,7 @@ def main(argv=None):
     train.check_fits({**plan["base"], **largest}, len(data[0]))  # the data can fill them
     with files.folder_lock(plan["out_dir"], "--out-dir"):
         search_report.check_out_dir(plan)
+        files.remove_stale_temps(plan["out_dir"], search_report.WRITTEN)
         worker = Worker(plan, data=data if plan["workers"] == 1 else None)
         del data
         try:

@@ -19,6 +19,7 @@ from study_storage import STATES, failure, interrupted, trial_params, where
 FILES = {"json": "trials.json", "csv": "trials.csv", "best": "best_result.json",
          "model": "best.npy", "history": "optimization_history.png",
          "importance": "param_importance.png"}  # and val_acc_<a>_<b>.png
+WRITTEN = [*FILES.values(), "val_acc_*.png"]  # every name it writes, as patterns
 
 
 

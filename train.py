@@ -267,6 +267,7 @@ def _train(config, data, on_epoch, progress, evaluate_test, verbose, resume):
 
     test_acc = test_acc_single = None
     if evaluate_test and run["best_epoch"]:
+        files.check_folder(config["save_dir"])  # its own best.npy, not another run's
         best, meta = checkpoint.load_checkpoint(path[BEST_FILE])
         test_acc = evaluate(best, test_images, test_labels, meta["prep"],
                             meta.get("flip_average"))[1]

@@ -227,9 +227,9 @@ def test_kill_9_at_the_critical_points_of_a_write(tmp_path, point):
     def writer(out):
         real = os.fsync if point == "synced" else os.replace
 
-        def stop(*args):
+        def stop(*args, **kwargs):
             if point == "renamed":
-                real(*args)
+                real(*args, **kwargs)
             os.write(out, b"stopped\n")
             time.sleep(60)
 
@@ -245,6 +245,34 @@ def test_kill_9_at_the_critical_points_of_a_write(tmp_path, point):
     if leftovers:  # the complete new version, not yet renamed: hidden, and never loaded
         assert TMP_NAME.match(leftovers[0].name)
         assert assert_is_version(leftovers[0], {1}) == 1
+
+
+def test_a_run_starting_in_a_folder_leaves_a_live_writers_temporary_file(tmp_path, data_dir):
+    """Issue 24, item 10: utils.py writes into a run folder without holding it, and a train.py
+    starting there deleted utils.py's temporary file, which then failed. The sweep now takes
+    only what no live writer holds; a killed writer's leftover still goes."""
+    save_dir = tmp_path / "run"
+    save_dir.mkdir()
+    (save_dir / ".curves.png.deadbeef.tmp").write_bytes(b"left by a killed writer")
+    writer = subprocess.Popen([sys.executable, "-c", """
+import sys, files
+with files.atomic_write(sys.argv[1]) as f:
+    f.write(b"from the other writer")
+    print("writing", flush=True)
+    sys.stdin.readline()
+""", str(save_dir / "curves.png")], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline() == "writing\n"
+        [live] = [p for p in save_dir.iterdir() if p.name != ".curves.png.deadbeef.tmp"]
+        assert train.main([*TINY, "--data-dir", str(data_dir), "--save-dir", str(save_dir),
+                           "--no-progress"]) == 0
+        assert live.exists() and not (save_dir / ".curves.png.deadbeef.tmp").exists()
+        _, err = writer.communicate("\n", timeout=30)
+    finally:
+        writer.kill()
+    assert writer.returncode == 0, err
+    assert (save_dir / "curves.png").read_bytes() == b"from the other writer"
 
 
 def test_kill_9_of_train_py_leaves_loadable_consistent_files(tmp_path, data_dir):

@@ -907,3 +907,16 @@ def test_the_plan_checks_the_largest_network_of_the_space(monkeypatch):
     with pytest.raises(cli.Error, match="--space: .*4100 with --dtype float64 .*would not load"):
         ht.make_plan(ht.build_parser().parse_args(args))
     ht.make_plan(ht.build_parser().parse_args(["--space", "hidden_size=256,4100"]))
+
+
+def test_the_search_sweeps_its_own_stale_temporary_files(tmp_path, data_dir, monkeypatch):
+    """Issue 24, item 10: .optimization_history.png.*.tmp stayed after a kill -9 during the
+    report; the search, holding its --out-dir, now removes what killed writers left."""
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = [out / f".{name}.deadbeef.tmp" for name in ("optimization_history.png",
+                                                         "val_acc_lr_reg.png", "trials.json")]
+    for path in stale:
+        path.write_bytes(b"left by a killed report")
+    assert search(out, data_dir, "--space", "lr=0.05", monkeypatch=monkeypatch) == 0
+    assert not any(path.exists() for path in stale)
