@@ -248,13 +248,16 @@ def open_regular(path, max_bytes=None, mode="rb", dir_fd=None, create=False, fol
     """
     flags = (_MODES[mode] | (os.O_CREAT if create else 0) | (0 if follow else os.O_NOFOLLOW)
              | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    fd = os.open(path, flags, 0o644, dir_fd=dir_fd)
+    try:
+        fd = os.open(path, flags, 0o644, dir_fd=dir_fd)
+    except OSError as exc:  # a FIFO without a reader, opened to write, is ENXIO
+        if exc.errno == errno.ENXIO:
+            raise _not_regular(path, os.stat(path, dir_fd=dir_fd)) from None
+        raise
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            kind = ("a folder" if stat.S_ISDIR(info.st_mode) else "a FIFO"
-                    if stat.S_ISFIFO(info.st_mode) else "a device or other special file")
-            raise OSError(errno.EINVAL, f"not a regular file but {kind}", os.fspath(path))
+            raise _not_regular(path, info)
         if max_bytes is not None and info.st_size > max_bytes:
             raise OSError(errno.EFBIG, f"{info.st_size} bytes, more than the {max_bytes} "
                           f"it may hold", os.fspath(path))
@@ -263,3 +266,9 @@ def open_regular(path, max_bytes=None, mode="rb", dir_fd=None, create=False, fol
     except BaseException:
         os.close(fd)
         raise
+
+
+def _not_regular(path, info):
+    kind = ("a folder" if stat.S_ISDIR(info.st_mode) else "a FIFO"
+            if stat.S_ISFIFO(info.st_mode) else "a device or other special file")
+    return OSError(errno.EINVAL, f"not a regular file but {kind}", os.fspath(path))

@@ -28,6 +28,7 @@ import cli
 import config as cfg
 import data_loader
 import files
+import limits
 import model
 import search_report
 import search_space
@@ -66,6 +67,10 @@ def make_plan(args):
     if args.sampler == "grid" and ranges:
         raise cli.Error(f"--sampler grid needs lists of values, but {ranges[0]} is a range "
                         "lo:hi; list values or use --sampler random or tpe")
+    if args.sampler == "grid" and search_space.grid_size(space) > limits.GRID_POINTS:
+        raise cli.Error(f"--sampler grid: the space holds {search_space.grid_size(space):,} "
+                        f"combinations, more than the {limits.GRID_POINTS:,} a grid may run; "
+                        "list fewer values, or use --sampler random or tpe")
     for key, p in space.items():  # each choice and both ends of each range make a valid config
         for value in p.get("choices", [p.get("low"), p.get("high")]):
             try:
@@ -356,7 +361,7 @@ def status_line(study, plan):
     """What the study holds and what this run will do, in one line."""
     trials, workers = study.get_trials(deepcopy=False), plan["workers"]
     finished = counted([t for t in trials if t.state.is_finished()])
-    what = (f"a grid of {len(search_space.grid(plan['space']))} combinations"
+    what = (f"a grid of {search_space.grid_size(plan['space'])} combinations"
             if plan["sampler"] == "grid" else f"a {plan['sampler']} search")
     todo = to_run(plan, trials)
     threads = f" with {blas_threads(workers)} BLAS thread(s) each" if workers > 1 else ""

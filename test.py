@@ -155,10 +155,10 @@ def main(argv=None):
     print(format_table(metrics))
 
     paths = [os.path.join(args.out_dir, name) for name in
-             (utils.CONFUSION_PNG, utils.MISCLASSIFIED_PNG, METRICS_JSON)]
-    utils.plot_confusion(metrics["confusion"], meta["class_names"], paths[0])
-    utils.plot_misclassified(images, labels, predictions, meta["class_names"], paths[1])
-    files.write_json(paths[2], metrics)
+             (METRICS_JSON, utils.CONFUSION_PNG, utils.MISCLASSIFIED_PNG)]
+    files.write_json(paths[0], metrics)  # first: the figures cannot lose it
+    utils.plot_confusion(metrics["confusion"], meta["class_names"], paths[1])
+    utils.plot_misclassified(images, labels, predictions, meta["class_names"], paths[2])
     print("wrote " + ", ".join(map(cli.shown, paths)))
     return 0
 

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import warnings
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -62,9 +63,17 @@ def class_metrics(counts):
 
 
 def save_figure(fig, path, dpi=100):
-    """Write `fig` to `path` as a PNG, atomically."""
-    with files.atomic_write(path) as f:
+    """Write `fig` to `path` as a PNG, atomically; warnings (a glyph missing from the font)
+    are not printed."""
+    with files.atomic_write(path) as f, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")
+
+
+def label(text):
+    """Text from a file (a class name) as a figure shows it: literally, never as $math$, and
+    escaped as for the terminal, where matplotlib's errors would quote it."""
+    return cli.shown(text).replace("$", r"\$")
 
 
 def plot_history(records, path):
@@ -123,8 +132,9 @@ def plot_confusion(counts, class_names, path):
     image = ax.imshow(counts, cmap="Blues")
     fig.colorbar(image, ax=ax, shrink=0.8, label="images")
     ax.set(xticks=range(c), yticks=range(c), xlabel="predicted class", ylabel="true class")
-    ax.set_xticklabels(class_names, rotation=45, ha="right", rotation_mode="anchor")
-    ax.set_yticklabels(class_names)
+    names = [label(name) for name in class_names]
+    ax.set_xticklabels(names, rotation=45, ha="right", rotation_mode="anchor")
+    ax.set_yticklabels(names)
     n = counts.sum()
     ax.set_title(f"Confusion matrix: {np.trace(counts)} of {n} correct "
                  f"(accuracy {np.trace(counts) / max(n, 1):.4f})")
@@ -149,8 +159,8 @@ def plot_misclassified(images, labels, predictions, class_names, path, n=32):
             i = wrong[k]
             ax.imshow(np.asarray(images[i]).reshape(IMAGE_SHAPE).transpose(1, 2, 0),
                       interpolation="nearest")
-            ax.set_title(f"true: {class_names[labels[i]]}\npred: {class_names[predictions[i]]}",
-                         fontsize=9, linespacing=1.3)
+            ax.set_title(f"true: {label(class_names[labels[i]])}\n"
+                         f"pred: {label(class_names[predictions[i]])}", fontsize=9, linespacing=1.3)
     if not len(wrong):
         fig.text(0.5, 0.5, "no misclassified images", ha="center", va="center")
     save_figure(fig, path)
@@ -163,8 +173,6 @@ def plot_search(study, out_dir, space, names):
     against the two most important searched parameters that varied, in val_acc_<a>_<b>.png
     (older such plots removed). Optuna's style stays in an rc_context. Returns the name of
     that last plot and why there are no importances."""
-    import warnings
-
     import matplotlib
     matplotlib.use("agg")
     import matplotlib.pyplot as plt
@@ -188,7 +196,7 @@ def plot_search(study, out_dir, space, names):
             importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
             why_not = None if importances else "no parameter varies among the complete trials"
         except Exception as exc:  # too few complete trials
-            importances, why_not = {}, f"{type(exc).__name__}: {exc}"
+            importances, why_not = {}, f"{type(exc).__name__}: {cli.one_line(exc)}"
         if importances:
             save(plots.plot_param_importances(study, evaluator=evaluator, target_name=target),
                  names["importance"])

@@ -34,7 +34,7 @@ import data_loader
 import limits
 import model
 import utils
-from conftest import load_script, make_cifar_dir
+from conftest import load_script, make_cifar_dir, measured, run_child
 
 try:
     from numpy._core.multiarray import _reconstruct
@@ -51,47 +51,9 @@ evaluate = load_script("test")
 # --- helpers ----------------------------------------------------------------------------------
 
 
-def run_child(code, *args, timeout=60, **kwargs):
-    """Run Python `code` in a child process at the project root: the CompletedProcess."""
-    return subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, text=True,
-                          capture_output=True, timeout=timeout, **kwargs)
-
-
 def run_script(script, *args, timeout=60):
     return subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, text=True,
                           capture_output=True, timeout=timeout)
-
-
-# A child that calls one loader and prints {"error": message or null, "maxrss_mb": peak}.
-MEASURED = """
-import json, sys
-sys.path.insert(0, "tests")
-import checkpoint, cifar10, cli, data_loader, model
-from conftest import load_script
-call = {call}
-try:
-    call(*sys.argv[1:])
-    error = None
-except cli.Error as exc:
-    error = str(exc)
-# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent through exec.
-with open("/proc/self/status") as status:
-    peak_kb = int(next(line for line in status if line.startswith("VmHWM:")).split()[1])
-print(json.dumps({{"error": error, "maxrss_mb": peak_kb / 1024}}))
-"""
-
-
-def measured(call, *args, fsize=None):
-    """Run `call` (source text of a callable) on `args` in a child; its report as a dict.
-
-    With `fsize`, no file the child writes may exceed that many bytes (SIGXFSZ kills it)."""
-    def limit():
-        import resource
-        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-
-    result = run_child(MEASURED.format(call=call), *args, preexec_fn=limit if fsize else None)
-    assert result.returncode == 0, (result.returncode, result.stderr)
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def assert_one_error_line(result, *words):
@@ -793,3 +755,46 @@ def test_a_huge_bytearray_length_is_one_clear_error(tmp_path):
     result = run_child("import cli, cifar10, sys; cli.run(lambda argv: cifar10.read_batch(argv[0]))",
                        path)
     assert_one_error_line(result, "data_batch_1", "runs past the end")
+
+
+# --- issue 24: one escape for text from files --------------------------------------------------
+
+MATH_AND_ESCAPES = "$\x1b]0;owned\x07\\foo$"
+
+
+@pytest.mark.parametrize("script", ["test", "utils"])
+def test_class_names_with_math_text_and_escapes_are_drawn_literally(tmp_path, script):
+    """Item 7: such a class name made test.py and utils.py die while plotting, with the raw
+    sequence in the error, and test.py never wrote test_metrics.json."""
+    model_path = save_model(tmp_path / "best.npy",
+                            class_names=[MATH_AND_ESCAPES, "$x$"] + data_loader.CLASS_NAMES[2:])
+    make_cifar_dir(tmp_path / "data")
+    result = run_script(f"{script}.py", "--model", model_path, "--data-dir", tmp_path / "data",
+                        "--out-dir", tmp_path / "out")
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert "\x1b" not in result.stdout and "\x07" not in result.stdout
+    assert (tmp_path / "out" / "confusion_matrix.png").exists()
+    if script == "test":
+        assert json.loads((tmp_path / "out" / "test_metrics.json").read_text())["class_names"][0] \
+            == MATH_AND_ESCAPES
+
+
+def test_unexpected_errors_are_escaped_too(capsys):
+    """Item 7: cli.run's line for an unexpected exception printed its message raw."""
+    def main(argv):
+        raise ValueError(f"bad \x1b[2J{MATH_AND_ESCAPES}")
+
+    with pytest.raises(SystemExit):
+        cli.run(main, [])
+    err = capsys.readouterr().err
+    assert err.startswith("error: ValueError: bad \\x1b[2J") and err[:-1].isprintable(), err
+
+
+def test_a_space_file_value_is_echoed_escaped(tmp_path):
+    """Item 7: a --space-file value was echoed raw in its error line."""
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps({"activation": ["relu\x1b]0;owned\x07"]}))
+    result = run_script("hyperparam_tuning.py", "--space-file", space, "--data-dir", tmp_path)
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].isprintable(), result.stderr
+    assert "\\x1b]0;owned\\x07" in lines[0]
