@@ -257,20 +257,42 @@ def save_state(path, net, optimizer, rng, prep, config, run):
     save_model(path, net, prep, config, optimizer.state(), run=run, rng=rng.bit_generator.state)
 
 
+RECORD_KEYS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "tflop",
+               "seconds")  # an epoch's record in a run's history, as training writes it
+
+
 def check_run(run, epochs):
-    """Refuse (ValueError) a progress record that is not one new_run and training write."""
+    """Refuse (ValueError) a progress record that is not one new_run and training write: every
+    epoch's record whole and finite, the best the history's first best, the compute finite."""
     fresh = new_run()
     if not (isinstance(run, dict) and set(run) == set(fresh)):
         raise ValueError(f"its record holds not just {', '.join(fresh)}")
-    numbers = [run[k] for k in ("epoch", "best_epoch", "best_acc", "flops")]
-    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in numbers):
-        raise ValueError("a count that is not a number")
+    if not all(_finite(run[k]) for k in ("epoch", "best_epoch", "best_acc", "flops")):
+        raise ValueError("a count that is not a number or not finite")
+    history = run["history"]
     if not (isinstance(run["epoch"], int) and isinstance(run["best_epoch"], int)
-            and 0 <= run["best_epoch"] <= run["epoch"] <= epochs
-            and isinstance(run["history"], list) and len(run["history"]) == run["epoch"]
-            and all(isinstance(r, dict) for r in run["history"])
+            and 0 <= run["best_epoch"] <= run["epoch"] <= epochs and run["flops"] >= 0
+            and isinstance(history, list) and len(history) == run["epoch"]
             and run["stopped"] in (None, "early_stopping")):
         raise ValueError(f"epochs that do not add up (epoch {run['epoch']!r} of {epochs})")
+    for epoch, record in enumerate(history, start=1):
+        if not (isinstance(record, dict) and set(record) == set(RECORD_KEYS)
+                and type(record["epoch"]) is int and record["epoch"] == epoch
+                and all(_finite(record[k]) for k in RECORD_KEYS)):
+            raise ValueError(f"the record of epoch {epoch} is not one training writes")
+    accuracies = [record["val_acc"] for record in history]
+    first_best = max(range(len(history)), key=accuracies.__getitem__, default=None)
+    if (run["best_epoch"], run["best_acc"]) != ((0, -1.0) if first_best is None else
+                                                (first_best + 1, accuracies[first_best])):
+        raise ValueError(f"a best epoch ({run['best_epoch']}) that is not the history's")
+
+
+def _finite(x):
+    """Whether `x` is a number (not a bool) that a float holds."""
+    try:
+        return type(x) in (int, float) and math.isfinite(x)
+    except OverflowError:  # an int past the floats
+        return False
 
 
 def _same(a, b):

@@ -340,11 +340,21 @@ def test_a_lock_that_is_a_link_is_refused_and_its_target_untouched(data_dir, tmp
     assert precious.read_text() == "precious"
 
 
+RECORD = {"epoch": 2, "train_loss": 0.5, "train_acc": 0.5, "val_loss": 0.5, "val_acc": 0.5,
+          "lr": 0.5, "tflop": 0.5, "seconds": 0.5}  # an epoch's record, as train.py writes it
+
+
 @pytest.mark.parametrize("change,message", [
     ({"epoch": -3}, "do not add up"), ({"epoch": 99}, "do not add up"),
     ({"history": "x"}, "do not add up"), ({"best_acc": "x"}, "not a number"),
-    ({"stopped": "\x1b[31mred"}, "do not add up"), ({"extra": 1}, "not just")])
+    ({"stopped": "\x1b[31mred"}, "do not add up"), ({"extra": 1}, "not just"),
+    # issue 24, item 9: these passed, then crashed after training or wrote Infinity
+    ({"history": [{}, {}]}, "the record of epoch 1"), ({"flops": 10**400}, "not finite"),
+    ({"flops": float("inf")}, "not finite"), ({"best_epoch": 0}, "best epoch (0)"),
+    ({"history": [{**RECORD, "epoch": 1}, {**RECORD, "val_loss": "x"}]}, "epoch 2"),
+    ({"history": [{**RECORD, "epoch": 1}, {**RECORD, "tflop": float("nan")}]}, "epoch 2")])
 def test_a_crafted_run_state_is_one_clear_error(data_dir, tmp_path, change, message):
+    """A finished state resumed just reports its result: a crafted one must be refused."""
     assert run(data_dir, tmp_path, "--epochs", "2")[0] == 0
     state = tmp_path / train.STATE_FILE
     with np.load(state) as archive:
