@@ -39,7 +39,7 @@ ZIP_ENTRY_BYTES = 1024  # an archive member's zip directory entry (NumPy's take 
 
 # --- files that describe a run or a search ----------------------------------------------------
 
-# JSON takes up to 21 times its size in memory ([{}, {}, ...]); these keep that under 100 MB.
+# JSON takes up to 21 times its size in memory ([{}, {}, ...]): these keep that under 100 MB.
 HISTORY_BYTES = 4 << 20  # history.json: 10,000 epochs as train.py writes them, 304 bytes each
 SPACE_FILE_BYTES = 1 << 20  # --space-file
 TRIALS_HEAD_BYTES = 64 << 10  # what is read of trials.json: the study and storage it names

@@ -20,6 +20,7 @@ import checkpoint
 import cli
 import data_loader
 import files
+import limits
 from inference import predict_proba
 
 from data_loader import IMAGE_SHAPE, PIXELS
@@ -216,9 +217,6 @@ def plot_search(study, out_dir, space, names):
 # --- command line -----------------------------------------------------------------------------
 
 
-MAX_HISTORY_BYTES = 64 << 20
-
-
 def _is_record(record):
     """Whether `record` is an epoch record that plot_history can draw."""
     return (isinstance(record, dict) and type(record.get("epoch")) is int
@@ -230,7 +228,7 @@ def _is_record(record):
 def load_history(path):
     """The epoch records (a list of dicts) of a history.json written by train.py."""
     try:
-        with files.open_regular(path, MAX_HISTORY_BYTES) as f:
+        with files.open_regular(path, limits.HISTORY_BYTES) as f:
             records = json.load(f)["epochs"]
         if not (isinstance(records, list) and all(map(_is_record, records))):
             raise ValueError("'epochs' is not a list of records of numbers, numbered from 1")

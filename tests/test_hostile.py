@@ -537,14 +537,15 @@ def test_other_formats_are_refused_before_decoding(tmp_path, content):
         evaluate.load_image(path)
 
 
+def png_chunk(kind, data):
+    return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+
 def png_header(width, height):
     """The first bytes of a PNG of that size: enough for a reader to learn its dimensions."""
-    def chunk(kind, data):
-        return (len(data).to_bytes(4, "big") + kind + data
-                + zlib.crc32(kind + data).to_bytes(4, "big"))
     ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) \
-        + chunk(b"IEND", b"")
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr)
+            + png_chunk(b"IDAT", zlib.compress(b"")) + png_chunk(b"IEND", b""))
 
 
 def test_huge_dimensions_in_a_header_are_refused(tmp_path):
@@ -798,3 +799,81 @@ def test_a_space_file_value_is_echoed_escaped(tmp_path):
     lines = result.stderr.splitlines()
     assert result.returncode == 2 and len(lines) == 1 and lines[0].isprintable(), result.stderr
     assert "\\x1b]0;owned\\x07" in lines[0]
+
+
+# --- issue 24: pictures ------------------------------------------------------------------------
+
+
+def tiled_tiff(side, tile, payload=zlib.compress(b"\x80" * 256)):
+    """A deflate-compressed grey TIFF of side x side pixels in tiles of tile x tile."""
+    entries = sorted([(256, 3, 1, side), (257, 3, 1, side), (258, 3, 1, 8), (259, 3, 1, 8),
+                      (262, 3, 1, 1), (277, 3, 1, 1), (322, 3, 1, tile), (323, 3, 1, tile),
+                      (324, 4, 1, 300), (325, 4, 1, len(payload))])
+    ifd = (len(entries).to_bytes(2, "little") + b"".join(
+        b"".join(v.to_bytes(n, "little") for v, n in zip(e, (2, 2, 4, 4))) for e in entries)
+        + bytes(4))
+    head = b"II*\0" + (8).to_bytes(4, "little") + ifd
+    return head + bytes(300 - len(head)) + payload
+
+
+def test_a_tiff_of_huge_tiles_is_refused_before_decoding(tmp_path):
+    """Item 5: 16x16 pixels in tiles of 26,752² took 2.2 GB (715 MB as grey)."""
+    path = tmp_path / "tiles.tif"
+    path.write_bytes(tiled_tiff(16, 26_752))
+    report = measured("load_script('test').load_image", path)
+    assert "tiles of 26752x26752 pixels" in report["error"] and report["maxrss_mb"] < 150, report
+
+
+@pytest.mark.parametrize("mode", ["P", "RGBA"])
+def test_50_megapixels_of_any_mode_stay_within_the_bound(tmp_path, mode):
+    """Item 12: a palette picture with transparency took 709 MB, RGBA 456 MB, over the
+    documented bound; they are now shrunk a band at a time."""
+    path = tmp_path / "big.png"
+    img = Image.new(mode, (7000, 7000), 3 if mode == "P" else (10, 20, 30, 128))
+    if mode == "P":
+        img.putpalette([0, 0, 0, 200, 100, 50] * 128)
+    img.save(path, compress_level=1, **({"transparency": 1} if mode == "P" else {}))
+    report = measured("load_script('test').load_image", path)
+    assert report["error"] is None and report["maxrss_mb"] < 300, report
+
+
+def test_a_broken_png_chunk_is_one_line_naming_the_file(tmp_path, ckpt):
+    """Item 13: it was `error: SyntaxError: broken PNG file`, with no file named."""
+    path = tmp_path / "broken.png"
+    Image.new("RGB", (40, 40), "red").save(path)
+    raw = path.read_bytes()
+    at = raw.index(b"IDAT") - 4
+    data = raw[at + 8:at + 8 + int.from_bytes(raw[at:at + 4], "big")]
+    chunks = [png_chunk(b"IDAT", data[:10]), png_chunk(b"\xff\xffAT", data[10:])]  # not a type
+    path.write_bytes(raw[:at] + b"".join(chunks) + raw[at + 12 + len(data):])
+    result = run_script("test.py", "--model", ckpt, "--image", path)
+    assert_one_error_line(result, "cannot read image", str(path))
+
+
+@pytest.mark.parametrize("picture", ["libtiff warning", "float overflow"])
+def test_decoders_and_numpy_print_nothing_of_their_own(tmp_path, ckpt, picture):
+    """Item 13: libtiff's warnings and NumPy's RuntimeWarning reached stderr."""
+    path = tmp_path / "picture.tif"
+    if picture == "libtiff warning":  # too little data: libtiff says so on stderr
+        path.write_bytes(tiled_tiff(1024, 1024))
+    else:
+        Image.fromarray(np.full((8, 8), 3e38, np.float32)).save(path)
+    result = run_script("test.py", "--model", ckpt, "--image", path)
+    if picture == "libtiff warning":
+        assert_one_error_line(result, "cannot read image", str(path))
+    else:
+        assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+def test_a_history_takes_little_memory_whatever_it_holds(tmp_path):
+    """Item 12: a 64 MB history.json (the limit then) took 1.8 GB; the limit now holds 10,000
+    epochs as train.py writes them, and the worst JSON of that size (empty objects, 21 times
+    its size) takes under 120 MB more than reading a one-epoch history."""
+    def peak(path, size):
+        path.write_text('{"epochs": [' + "{}," * ((size - 16) // 3) + "{}]}")
+        return measured("load_script('utils').load_history", path)
+
+    small, largest, over = (peak(tmp_path / f"{size}.json", size)
+                            for size in (64, limits.HISTORY_BYTES, 60 << 20))
+    assert "more than the" in over["error"] and over["maxrss_mb"] < small["maxrss_mb"] + 20
+    assert largest["maxrss_mb"] < small["maxrss_mb"] + 120, (small, largest)
