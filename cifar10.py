@@ -108,6 +108,8 @@ def _data_folder(data_dir, folder, archive):
                         f"either, or create this one to download CIFAR-10 into it")
     try:
         os.mkdir(data_dir)
+    except FileExistsError:  # another run made it meanwhile
+        return False
     except OSError as exc:
         raise DataError(f"cannot create the data folder {data_dir}: "
                         f"{exc.strerror or exc}") from None
@@ -224,7 +226,8 @@ def extract(archive, data_dir):
     extracted = os.path.join(tmp, FOLDER)
     os.mkdir(extracted)
     try:
-        with tarfile.open(archive, "r:gz", tarinfo=_BoundedTarInfo) as tar:
+        with files.open_regular(archive) as f, \
+                tarfile.open(archive, "r:gz", f, tarinfo=_BoundedTarInfo) as tar:
             for count, member in enumerate(tar, 1):  # one pass: check each before it is written
                 if count > limits.ARCHIVE_MEMBERS:
                     raise DataError(f"refused {archive}: more than {limits.ARCHIVE_MEMBERS} "
@@ -437,9 +440,44 @@ _TEXTS = {"UNICODE": "raw-unicode-escape", "SHORT_BINUNICODE": "utf-8", "BINUNIC
           "BINUNICODE8": "utf-8", "GLOBAL": "utf-8", "INST": "utf-8"}
 
 
+# The entries of dicts and sets each opcode makes, from the items it takes off the stack.
+_ENTRIES = {"SETITEM": lambda items: 1, "SETITEMS": lambda items: items // 2,
+            "DICT": lambda items: items // 2, "ADDITEMS": lambda items: items,
+            "FROZENSET": lambda items: items}
+
+
+class _Stack:
+    """The depth of the unpickler's stack and its marks, followed opcode by opcode, to know
+    how many items an opcode takes down to its mark. A pop past a mark is refused, as the
+    unpickler refuses it."""
+
+    def __init__(self):
+        self.depth, self.marks = 0, []
+
+    def apply(self, op):
+        """Follow `op`; return how many items it took down to a mark (0 for others)."""
+        before, after, items = op.stack_before, op.stack_after, 0
+        if op.name == "POP" and self.marks and self.marks[-1] == self.depth:
+            self.marks.pop()  # POP takes a mark that is on top
+            return 0
+        if pickletools.markobject in before:
+            if not self.marks:
+                raise pickle.UnpicklingError(f"{op.name} without a MARK")
+            items, self.depth = self.depth - self.marks[-1], self.marks.pop()
+            before = before[:before.index(pickletools.markobject)]
+        self.depth -= len(before)
+        if self.depth < (self.marks[-1] if self.marks else 0):
+            raise pickle.UnpicklingError(f"{op.name} takes more than the stack holds")
+        if pickletools.markobject in after:
+            self.marks.append(self.depth)
+        else:
+            self.depth += len(after)
+        return items
+
+
 def _opcodes(raw):
-    """Each opcode of the pickle `raw` up to its STOP, as (name, its argument's bytes), read
-    the way the unpickler reads them but building nothing."""
+    """Each opcode of the pickle `raw` up to its STOP, as (opcode, its argument's bytes),
+    read the way the unpickler reads them but building nothing."""
     view, pos = memoryview(raw), 0
     while True:
         op = _OPCODES.get(raw[pos]) if pos < len(raw) else None
@@ -458,7 +496,7 @@ def _opcodes(raw):
             end = start + n
         if end > len(raw):
             raise pickle.UnpicklingError(f"{op.name} at byte {pos} runs past the end")
-        yield op.name, view[start:end]
+        yield op, view[start:end]
         if op.name == "STOP":
             return
         pos = end
@@ -507,13 +545,17 @@ class _BatchUnpickler(pickle.Unpickler):
 
     def __init__(self, raw, path):
         super().__init__(_Input(raw), encoding="bytes")
-        self.path, self.spent, memo = path, 0, 0
-        for name, arg in _opcodes(raw):
-            cost = _text_bytes(arg, _TEXTS[name]) if name in _TEXTS else len(arg)
-            if name in ("PUT", "BINPUT", "LONG_BINPUT"):  # the memo grows to twice the index
-                index = (int(bytes(arg)) if name == "PUT" else
+        self.path, self.spent, memo, entries, stack = path, 0, 0, 0, _Stack()
+        for op, arg in _opcodes(raw):
+            cost = _text_bytes(arg, _TEXTS[op.name]) if op.name in _TEXTS else len(arg)
+            if op.name in ("PUT", "BINPUT", "LONG_BINPUT"):  # the memo grows to twice the index
+                index = (int(bytes(arg)) if op.name == "PUT" else
                          int.from_bytes(arg, "little"))
                 cost, memo = cost + 16 * max(0, index + 1 - memo), max(memo, index + 1)
+            entries += _ENTRIES.get(op.name, lambda items: 0)(stack.apply(op))
+            if entries > limits.DICT_ENTRIES:  # keys crafted to share a hash: quadratic time
+                raise pickle.UnpicklingError(f"more than the {limits.DICT_ENTRIES} dict and "
+                                             f"set entries a batch may hold")
             self.charge(limits.OPCODE_BYTES + cost)
 
     def charge(self, size):

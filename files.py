@@ -162,6 +162,9 @@ def folder_lock(folder, what="--save-dir"):
     try:
         try:  # never through a link, never a FIFO or device: it is written to
             lock = open_regular(".lock", mode="r+b", dir_fd=dir_fd, create=True, follow=False)
+            if os.fstat(lock.fileno()).st_nlink > 1:
+                lock.close()
+                raise OSError(errno.EMLINK, "it is a hard link to another file")
         except OSError as exc:
             raise Error(f"cannot use {shown(lock_path)} as the folder's lock: "
                         f"{exc.strerror or exc}; remove it") from None

@@ -23,6 +23,9 @@ BATCH_FILE_BYTES = IMAGES_PER_BATCH * (IMAGE_BYTES * PICKLED_PIXEL_BYTES
 OPCODE_BYTES = 256
 LABEL_AND_NAME_OPCODES = 32  # a NumPy int label and a name take 28 in protocol 0, 23 in 2
 UNPICKLED_BYTES = IMAGES_PER_BATCH * (2 * IMAGE_BYTES + LABEL_AND_NAME_OPCODES * OPCODE_BYTES)
+# Dict and set entries cost time as well as memory: keys crafted to share a hash make each
+# insertion slower than the last. A batch is a dict of four.
+DICT_ENTRIES = 1024
 ARCHIVE_MEMBER_BYTES = BATCH_FILE_BYTES  # each member of cifar-10-python.tar.gz
 ARCHIVE_MEMBERS = 64  # the official archive has 9
 TAR_HEADER_BYTES = 64 << 10  # long names and pax records, which tarfile holds in memory

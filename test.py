@@ -56,8 +56,14 @@ def load_image(path):
 def _quiet_stderr():
     """Keep what C libraries print while decoding (libtiff's warnings) off stderr: the error
     line, if any, says what matters."""
-    sys.stderr.flush()
-    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    with contextlib.suppress(AttributeError, OSError):  # no stderr at all: nothing to keep
+        sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
     os.dup2(null, 2)
     try:
         yield

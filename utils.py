@@ -188,7 +188,8 @@ def plot_search(study, out_dir, space, names):
             plt.close(figure)
 
     target, evaluator = "validation accuracy", optuna.importance.PedAnovaImportanceEvaluator()
-    with matplotlib.rc_context(), warnings.catch_warnings():
+    with matplotlib.rc_context({"text.parse_math": False}), warnings.catch_warnings():
+        # The study's values come from its journal: shown as they are, never as $math$.
         warnings.simplefilter("ignore")  # Optuna's matplotlib plots are "experimental"
         history = plots.plot_optimization_history(study, target_name=target)
         history.xaxis.set_major_locator(MaxNLocator(integer=True))

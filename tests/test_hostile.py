@@ -718,6 +718,21 @@ def test_batch_bombs_stay_within_the_unpicklers_budget(tmp_path, bomb):
     assert "data_batch_1" in report["error"] and report["maxrss_mb"] < bound, report
 
 
+def test_dict_keys_that_share_a_hash_are_refused_at_once(tmp_path):
+    """Past the list: 100,000 ints that all hash alike, as one dict's keys (1.2 MB, well
+    within the budget), took minutes to insert, each slower than the last."""
+    def long1(value):
+        data = value.to_bytes(value.bit_length() // 8 + 1, "little", signed=True)
+        return b"\x8a" + bytes([len(data)]) + data
+
+    keys = (long1(k * ((1 << 61) - 1)) + b"N" for k in range(1, 100_001))
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(b"\x80\x02}(" + b"".join(keys) + b"u.")
+    result = run_child("import cli, cifar10, sys; cli.run(lambda argv: "
+                       "cifar10.read_batch(argv[0]))", path, timeout=20)
+    assert_one_error_line(result, "more than the 1024 dict and set entries")
+
+
 def test_a_full_batch_repickled_with_protocol_2_is_read_within_the_bound(tmp_path):
     """Issue 23, item 3: NumPy 2 with protocol 2 writes a test batch of 44.7 MB, which the
     40 MB cap refused. The cap follows 10,000 images in any protocol (limits.py)."""

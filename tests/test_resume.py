@@ -400,3 +400,15 @@ def test_a_closed_terminal_stops_the_run_cleanly(data_dir, tmp_path):
     assert os.waitstatus_to_exitcode(status) == 129, (tmp_path / "err.txt").read_text()
     assert (tmp_path / "run" / "curves.png").exists()
     assert "--resume" in (tmp_path / "err.txt").read_text()
+
+
+def test_a_lock_that_is_a_hard_link_is_refused_and_its_target_untouched(tmp_path):
+    """Past the list: the pid was written over whatever file `.lock` was a hard link to."""
+    precious = tmp_path / "precious.txt"
+    precious.write_text("precious")
+    (tmp_path / "run").mkdir()
+    os.link(precious, tmp_path / "run" / ".lock")
+    with pytest.raises(cli.Error, match="cannot use .*lock: it is a hard link"):
+        with files.folder_lock(tmp_path / "run"):
+            pass
+    assert precious.read_text() == "precious"
