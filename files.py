@@ -66,8 +66,7 @@ def atomic_write(path, mode="wb"):
 
 def _write_error(path, folder, exc):
     """The error of a failed write: the folder's going, if that is why (FolderMoved)."""
-    if folder in _held:
-        check_folder(folder)
+    check_folder(folder)
     return Error(f"cannot write {path}: {exc.strerror or exc}")
 
 
@@ -173,13 +172,45 @@ def folder_lock(folder, what="--save-dir"):
                 raise Error(f"{shown(folder)} is in use by another run (pid "
                             f"{shown(_holder(lock))}); wait for it to finish or choose "
                             f"another {what}")
-            _held[path] = dir_fd
-            try:
-                yield
-            finally:
-                del _held[path]
+            with _holding(path, dir_fd):
+                yield _identity(os.fstat(dir_fd))
     finally:
         os.close(dir_fd)
+
+
+@contextlib.contextmanager
+def held_elsewhere(folder, identity):
+    """Hold `folder` in a helper of the process that locked it, whose `folder_lock` yielded
+    its `identity`: writes here check it and go into it, as the locker's do. No `identity`,
+    no holding."""
+    if identity is None:
+        yield
+        return
+    path = os.path.abspath(folder or ".")
+    try:
+        dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        raise _moved(folder) from None
+    try:
+        if _identity(os.fstat(dir_fd)) != tuple(identity):
+            raise _moved(folder)
+        with _holding(path, dir_fd):
+            yield
+    finally:
+        os.close(dir_fd)
+
+
+@contextlib.contextmanager
+def _holding(path, dir_fd):
+    _held[path] = dir_fd
+    try:
+        yield
+    finally:
+        del _held[path]
+
+
+def _identity(info):
+    return info.st_dev, info.st_ino
 
 
 def _flock_or_holder(lock):
@@ -206,17 +237,25 @@ def _holder(lock, wait=1.0):
 
 
 def check_folder(folder):
-    """Refuse (FolderMoved) to go on in a held `folder` that is no longer the one locked."""
+    """Refuse (FolderMoved) to go on in a held `folder` that is no longer the one locked (a
+    folder this process does not hold passes)."""
     path = os.path.abspath(folder or ".")
-    held = os.fstat(_held[path])
+    if path not in _held:
+        return
     try:
-        now = os.stat(path)
+        same = _identity(os.stat(path)) == _identity(os.fstat(_held[path]))
     except OSError:
-        now = None
-    if now is None or (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
-        raise FolderMoved(f"{shown(folder)} was moved or deleted while this run held it: "
-                          f"stopped, and nothing was written elsewhere (what was saved went "
-                          f"with the folder)") from OSError(errno.ESTALE, "folder moved")
+        same = False
+    if not same:
+        raise _moved(folder)
+
+
+def _moved(folder):
+    error = FolderMoved(f"{shown(folder)} was moved or deleted while this run held it: "
+                        f"stopped, and nothing was written elsewhere (what was saved went "
+                        f"with the folder)")
+    error.__cause__ = OSError(errno.ESTALE, "folder moved")  # the machine's doing, not a value's
+    return error
 
 
 def remove_stale_temps(folder, names):

@@ -98,7 +98,7 @@ def make_plan(args):
     return {**vars(args), "out_dir": out_dir, "storage": storage, "space": space,
             "fixed": fixed, "base": base, "n_trials": n_trials,
             "deadline": time.time() + args.timeout if args.timeout else None,
-            "data_dir": base["data_dir"], "parent_pid": None}
+            "data_dir": base["data_dir"], "parent_pid": None, "out_dir_identity": None}
 
 
 def largest_networks(preset, fixed, space):
@@ -218,6 +218,7 @@ class Worker:
         deadline = self.plan["deadline"]
         if cli.stop_signal or (deadline and time.time() >= deadline):
             return None
+        files.check_folder(self.plan["out_dir"])  # else a trial's folder would make it again
         with self.claimed() as (has_work, trials):
             if not has_work:
                 return None
@@ -314,11 +315,12 @@ def worker_main(plan, index):
     catch_interrupts(plan["parent_pid"])
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
-        worker = Worker(plan, index, data_loader.load_data(plan["data_dir"], progress=False))
-        try:
-            worker.run()
-        finally:
-            worker.close()
+        with files.held_elsewhere(plan["out_dir"], plan["out_dir_identity"]):
+            worker = Worker(plan, index, data_loader.load_data(plan["data_dir"], progress=False))
+            try:
+                worker.run()
+            finally:
+                worker.close()
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as exc:
@@ -443,7 +445,8 @@ def main(argv=None):
     largest = {key: max(p["choices"]) if "choices" in p else int(p["high"])
                for key, p in plan["space"].items() if key in ("val_size", "batch_size")}
     train.check_fits({**plan["base"], **largest}, len(data[0]))  # the data can fill them
-    with files.folder_lock(plan["out_dir"], "--out-dir"):
+    with files.folder_lock(plan["out_dir"], "--out-dir") as identity:
+        plan["out_dir_identity"] = identity  # the workers hold the same folder
         search_report.check_out_dir(plan)
         files.remove_stale_temps(plan["out_dir"], search_report.WRITTEN)
         worker = Worker(plan, data=data if plan["workers"] == 1 else None)
@@ -463,6 +466,7 @@ def main(argv=None):
             return 128 + signum
         finally:  # also after a signal: the tables and the best so far
             worker.close()
+            files.check_folder(plan["out_dir"])  # a folder moved away gets no report
             search_report.report(worker.study, plan)
     return 0
 

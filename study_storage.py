@@ -22,6 +22,7 @@ How workers share a study (for maintainers)
 - Folders: the parent holds --out-dir; its trials.json names the one study it holds.
 """
 import contextlib
+import errno
 import fcntl
 import os
 import re
@@ -86,6 +87,14 @@ class JournalStore:
 
     def acquire(self):
         fcntl.flock(self._journal, fcntl.LOCK_EX)  # Optuna's own lock is a symlink: no clash
+        try:  # Optuna appends by path: it must still name the journal this store opened
+            same = os.path.samestat(os.fstat(self._journal.fileno()), os.stat(self.path))
+        except OSError:
+            same = False
+        if not same:
+            self.release()
+            raise cli.Error(f"{self.path} was moved or replaced while this search used it: "
+                            f"stopped") from OSError(errno.ESTALE, "journal moved")
         with files.open_regular(self.path, mode="r+b") as f:
             size = f.seek(0, os.SEEK_END)
             start = _last_line_start(f, size)

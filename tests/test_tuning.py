@@ -988,3 +988,26 @@ def test_a_huge_grid_is_refused_up_front_with_its_count(tmp_path, data_dir):
     assert done.returncode == 2, done.stderr
     assert "the space holds 100,000,000 combinations, more than the 10,000" in done.stderr
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_a_search_whose_folder_goes_stops_and_makes_nothing_there(tmp_path, data_dir):
+    """Issue 24, item 2, for a search: its workers hold --out-dir too, and the journal must be
+    the one opened; none of them makes the folder again or writes in another's."""
+    out, moved = tmp_path / "out", tmp_path / "moved"
+    process = subprocess.Popen(command(out, data_dir, "--space", "lr=0.05,0.02,0.01,0.03",
+                                       "--epochs", "40", "--workers", "2"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=environment())
+    try:
+        deadline = time.monotonic() + 60
+        while not glob.glob(str(out / "trial_*" / "history.json")):
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.02)
+        os.rename(out, moved)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        process.communicate()
+    lines = err.splitlines()  # one per worker, then the search's own
+    assert process.returncode == 1 and all(line.startswith("error: ") for line in lines), err
+    assert "out was moved or deleted" in lines[-1] and not out.exists()
