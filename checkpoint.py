@@ -267,7 +267,7 @@ def check_run(run, epochs):
     fresh = new_run()
     if not (isinstance(run, dict) and set(run) == set(fresh)):
         raise ValueError(f"its record holds not just {', '.join(fresh)}")
-    if not all(_finite(run[k]) for k in ("epoch", "best_epoch", "best_acc", "flops")):
+    if not all(finite(run[k]) for k in ("epoch", "best_epoch", "best_acc", "flops")):
         raise ValueError("a count that is not a number or not finite")
     history = run["history"]
     if not (isinstance(run["epoch"], int) and isinstance(run["best_epoch"], int)
@@ -278,7 +278,7 @@ def check_run(run, epochs):
     for epoch, record in enumerate(history, start=1):
         if not (isinstance(record, dict) and set(record) == set(RECORD_KEYS)
                 and type(record["epoch"]) is int and record["epoch"] == epoch
-                and all(_finite(record[k]) for k in RECORD_KEYS)):
+                and all(finite(record[k]) for k in RECORD_KEYS)):
             raise ValueError(f"the record of epoch {epoch} is not one training writes")
     accuracies = [record["val_acc"] for record in history]
     first_best = max(range(len(history)), key=accuracies.__getitem__, default=None)
@@ -287,7 +287,7 @@ def check_run(run, epochs):
         raise ValueError(f"a best epoch ({run['best_epoch']}) that is not the history's")
 
 
-def _finite(x):
+def finite(x):
     """Whether `x` is a number (not a bool) that a float holds."""
     try:
         return type(x) in (int, float) and math.isfinite(x)
@@ -305,8 +305,8 @@ def _option_change(key, stored, config):
     if key not in stored:
         return f"{flag} (not in the state: saved by another version)"
     if key not in config:
-        return f"{flag} {stored[key]} (no such option in this version)"
-    return f"{flag} {stored[key]} (given {config[key]})"
+        return f"{flag} {str(stored[key])[:100]} (no such option in this version)"
+    return f"{flag} {str(stored[key])[:100]} (given {config[key]})"  # it may be huge
 
 
 def load_state(path, config, net, optimizer, rng, prep):

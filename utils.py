@@ -222,7 +222,7 @@ def _is_record(record):
     """Whether `record` is an epoch record that plot_history can draw."""
     return (isinstance(record, dict) and type(record.get("epoch")) is int
             and 0 < record["epoch"] <= 10**6
-            and all(record.get(key) is None or type(record[key]) in (int, float)
+            and all(record.get(key) is None or checkpoint.finite(record[key])
                     for key in ("train_loss", "val_loss", "train_acc", "val_acc", "lr")))
 
 
@@ -232,7 +232,8 @@ def load_history(path):
         with files.open_regular(path, limits.HISTORY_BYTES) as f:
             records = json.load(f)["epochs"]
         if not (isinstance(records, list) and all(map(_is_record, records))):
-            raise ValueError("'epochs' is not a list of records of numbers, numbered from 1")
+            raise ValueError("'epochs' is not a list of records of finite numbers, numbered "
+                             "from 1")
         return records
     except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
@@ -287,7 +288,8 @@ def main(argv=None):
         print(f"wrote {cli.shown(os.path.join(out_dir, name))}")
 
     whitening = meta["prep"].whitening  # first-layer weights as seen from the pixels
-    draw(plot_weights, WEIGHTS_PNG, net.w1 if whitening is None else whitening @ net.w1)
+    draw(plot_weights, WEIGHTS_PNG, net.w1 if whitening is None else  # float64: no overflow
+         whitening.astype(np.float64) @ net.w1)
     history = os.path.join(os.path.dirname(os.path.abspath(args.model)), "history.json")
     if os.path.exists(history):
         draw(plot_history, CURVES_PNG, load_history(history))

@@ -603,6 +603,8 @@ def test_a_fifo_as_history_is_refused(tmp_path, ckpt):
     '{"epochs": [[]]}',
     '{"epochs": ' + "[" * 100_000 + "]" * 100_000 + "}",
     b'{"epochs": "\xff"}',
+    '{"epochs": [{"epoch": 1, "val_acc": Infinity}]}',  # past the list: arange failed
+    '{"epochs": [{"epoch": 1, "train_loss": 1' + "0" * 400 + '}]}',  # and OverflowError
 ])
 def test_a_hostile_history_is_one_clear_error(tmp_path, content):
     path = tmp_path / "history.json"
@@ -892,3 +894,19 @@ def test_a_history_takes_little_memory_whatever_it_holds(tmp_path):
                             for size in (64, limits.HISTORY_BYTES, 60 << 20))
     assert "more than the" in over["error"] and over["maxrss_mb"] < small["maxrss_mb"] + 20
     assert largest["maxrss_mb"] < small["maxrss_mb"] + 120, (small, largest)
+
+
+def test_extreme_weights_draw_without_numpy_warnings(tmp_path):
+    """Past the list: the first layer as seen from the pixels overflowed float32 in utils.py,
+    and NumPy's RuntimeWarning reached stderr."""
+    net = model.ThreeLayerNN(16, (8, 8), 10, "relu", seed=0)
+    net.w1 = net.w1 * np.float32(3e37)
+    prep = data_loader.Preprocessing(np.full(3072, 120, np.float32),
+                                     np.full(3072, 60, np.float32),
+                                     np.full((3072, 16), 3e37, np.float32))
+    checkpoint.save_model(tmp_path / "best.npy", net, prep, {"flip_average": False})
+    make_cifar_dir(tmp_path / "data")
+    result = run_script("utils.py", "--model", tmp_path / "best.npy", "--data-dir",
+                        tmp_path / "data", "--out-dir", tmp_path / "out")
+    assert_one_error_line(result, "not finite")
+    assert (tmp_path / "out" / "weights.png").exists()
