@@ -33,9 +33,10 @@ DOWNLOAD_BYTES = 2 * 170_498_071  # twice the official archive
 
 # --- checkpoints and run states -----------------------------------------------------------------
 
+EPOCHS = 10_000  # the most a run may train (config.py): its history fits META_CHARS
 WEIGHT_BYTES = 1 << 27  # a weight matrix, velocity or whitening: 4096² float64, 5792² float32
 VECTOR_BYTES = 1 << 20  # a bias, mean or std: 131,072 float64 values
-META_CHARS = 1 << 22  # the JSON `meta`: a state's history of 10,000 epochs takes 2.3 Mi
+META_CHARS = 1 << 22  # the JSON `meta`: a state's history of EPOCHS epochs takes 2.3 Mi
 CLASS_NAME_CHARS = 100  # longer names break the plots' layout
 NPY_HEADER_BYTES = 4096  # an archive member's .npy header (NumPy writes 128 bytes)
 ZIP_ENTRY_BYTES = 1024  # an archive member's zip directory entry (NumPy's take about 80)
@@ -43,7 +44,7 @@ ZIP_ENTRY_BYTES = 1024  # an archive member's zip directory entry (NumPy's take 
 # --- files that describe a run or a search ----------------------------------------------------
 
 # JSON takes up to 21 times its size in memory ([{}, {}, ...]): these keep that under 100 MB.
-HISTORY_BYTES = 4 << 20  # history.json: 10,000 epochs as train.py writes them, 304 bytes each
+HISTORY_BYTES = 4 << 20  # history.json: EPOCHS epochs as train.py writes them, 300-340 each
 SPACE_FILE_BYTES = 1 << 20  # --space-file
 TRIALS_HEAD_BYTES = 64 << 10  # what is read of trials.json: the study and storage it names
 GRID_POINTS = 10_000  # a grid search's combinations: a week of 1-minute trials

@@ -229,14 +229,18 @@ def test_the_largest_network_training_allows_loads(tmp_path):
                                    [str(k) for k in range(10)], config)
 
 
-def test_the_meta_of_10000_epochs_fits_its_limit():
-    """config.py allows 10,000 epochs: a state's history of that many fits `meta`."""
-    record = {"epoch": 10_000, "train_loss": 1 / 3, "train_acc": 1 / 7, "val_loss": 2 / 3,
-              "val_acc": 1 / 9, "lr": 1 / 11, "tflop": 1e6 / 3, "seconds": 1e4 / 3}
-    run = {**checkpoint.new_run(), "history": [record] * 10_000}
-    meta = {"config": cfg.make_config(save_dir="x" * 4096, data_dir="y" * 4096), "run": run,
+def test_10000_epochs_fit_the_state_and_the_history_json():
+    """config.py allows 10,000 epochs: a state's history of that many fits `meta`, and the
+    history.json train.py writes fits what utils.py reads, with the longest floats."""
+    record = {key: -1.2345678901234567e-100 for key in checkpoint.RECORD_KEYS}
+    history = [{**record, "epoch": limits.EPOCHS}] * limits.EPOCHS
+    config = cfg.make_config(save_dir="x" * 4096, data_dir="y" * 4096)
+    meta = {"config": config, "run": {**checkpoint.new_run(), "history": history},
             "class_names": ["x" * limits.CLASS_NAME_CHARS] * 10}
     assert len(json.dumps(meta)) <= limits.META_CHARS
+    written = json.dumps({"config": config, "training_tflop": 1 / 3, "epochs": history},
+                         indent=2) + "\n"  # as files.write_json writes it
+    assert len(written) <= limits.HISTORY_BYTES
 
 
 def test_the_memory_check_honours_an_address_space_limit(tmp_path):
