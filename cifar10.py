@@ -219,8 +219,8 @@ def _too_large(url):
 
 def extract(archive, data_dir):
     """Extract the CIFAR-10 files of `archive`'s cifar-10-batches-py folder into `data_dir`,
-    each at most limits.ARCHIVE_MEMBER_BYTES, refusing members that could land outside it and skipping
-    any other; the folder appears only once complete."""
+    each at most limits.ARCHIVE_MEMBER_BYTES, refusing members that could land outside it
+    and skipping any other; the folder appears only once complete."""
     target = os.path.join(data_dir, FOLDER)
     tmp = tempfile.mkdtemp(dir=data_dir, prefix=EXTRACT_PREFIX)
     extracted = os.path.join(tmp, FOLDER)

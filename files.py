@@ -1,9 +1,11 @@
 """Files read and written safely: atomic writes, one run per folder, regular files only.
 
 A write goes to a temporary file beside its target, is synced and renamed over it, so a
-crash leaves the old file or the new one, never a torn one. A run holds its folder with an
-flock that the kernel drops when the process dies. A file a user hands us is opened only if
-it is a regular file: a FIFO or a device would block or never end.
+crash leaves the old file or the new one, never a torn one; the writer locks its temporary
+file, so that a sweep removes only those of dead writers. A run holds its folder, the folder
+itself by device and inode, with an flock that the kernel drops when the process dies. A
+file a user hands us is opened only if it is a regular file: a FIFO or a device would block
+or never end.
 """
 import contextlib
 import errno
@@ -168,7 +170,7 @@ def folder_lock(folder, what="--save-dir"):
             raise Error(f"cannot use {shown(lock_path)} as the folder's lock: "
                         f"{exc.strerror or exc}; remove it") from None
         with lock:
-            if not _flock_or_holder(lock):
+            if not _take_lock(lock):
                 raise Error(f"{shown(folder)} is in use by another run (pid "
                             f"{shown(_holder(lock))}); wait for it to finish or choose "
                             f"another {what}")
@@ -213,7 +215,7 @@ def _identity(info):
     return info.st_dev, info.st_ino
 
 
-def _flock_or_holder(lock):
+def _take_lock(lock):
     """Take the flock of the open lock file `lock` and write this pid into it (first, then
     cut: a reader never sees it empty); False if another process holds it."""
     try:

@@ -770,8 +770,8 @@ def test_a_huge_bytearray_length_is_one_clear_error(tmp_path):
     """Item 13: CPython printed `SystemError: ... exported buffers` before the error."""
     path = tmp_path / "data_batch_1"
     path.write_bytes(b"\x80\x05\x96" + (1 << 40).to_bytes(8, "little") + b"x" * 100 + b".")
-    result = run_child("import cli, cifar10, sys; cli.run(lambda argv: cifar10.read_batch(argv[0]))",
-                       path)
+    result = run_child("import cli, cifar10, sys; cli.run(lambda argv: "
+                       "cifar10.read_batch(argv[0]))", path)
     assert_one_error_line(result, "data_batch_1", "runs past the end")
 
 
