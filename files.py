@@ -306,10 +306,10 @@ def open_regular(path, max_bytes=None, mode="rb", dir_fd=None, create=False, fol
             raise OSError(errno.EFBIG, f"{info.st_size} bytes, more than the {max_bytes} "
                           f"it may hold", os.fspath(path))
         os.set_blocking(fd, True)
-        return os.fdopen(fd, mode)
     except BaseException:
         os.close(fd)
         raise
+    return os.fdopen(fd, mode)  # which owns fd: closed once, even if a signal cuts in here
 
 
 def _not_regular(path, info):
