@@ -502,16 +502,16 @@ def _opcodes(raw):
         pos = end
 
 
-def _text_bytes(data, encoding):
-    """The memory of the str that `data` decodes to, found a megabyte at a time (ASCII with one
-    emoji in it takes four bytes a character)."""
+def _text_width(data, encoding):
+    """The characters of the str that `data` decodes to, and the bytes each takes (ASCII with
+    one emoji in it takes four), found a megabyte at a time."""
     decoder = codecs.getincrementaldecoder(encoding)(
         "surrogatepass" if encoding == "utf-8" else "strict")
     chars = widest = 0
     for start in range(0, len(data), CHUNK):
         piece = decoder.decode(data[start:start + CHUNK], start + CHUNK >= len(data))
         chars, widest = chars + len(piece), max(widest, ord(max(piece, default="\0")))
-    return chars * (1 if widest < 0x100 else 2 if widest < 0x10000 else 4)
+    return chars, 1 if widest < 0x100 else 2 if widest < 0x10000 else 4
 
 
 class _Input:
@@ -540,14 +540,22 @@ class _BatchUnpickler(pickle.Unpickler):
     state that corrupts memory, nor take more memory than a real batch.
 
     Before anything is built, every opcode is charged what it builds (its argument, a memo
-    slot up to its index, or the largest object an opcode makes); while loading, each
-    `_codecs.encode` is charged the bytes it makes (one text may be encoded many times)."""
+    slot up to its index, or the largest object an opcode makes), and a text may take no more
+    than the file's size while it is decoded; while loading, each `_codecs.encode` is charged
+    the bytes it makes (one text may be encoded many times). So a batch takes at most twice
+    its size plus the budget."""
 
     def __init__(self, raw, path):
         super().__init__(_Input(raw), encoding="bytes")
         self.path, self.spent, memo, entries, stack = path, 0, 0, 0, _Stack()
         for op, arg in _opcodes(raw):
-            cost = _text_bytes(arg, _TEXTS[op.name]) if op.name in _TEXTS else len(arg)
+            cost = len(arg)
+            if op.name in _TEXTS:  # CPython's decoder holds len(arg) characters of that width
+                chars, width = _text_width(arg, _TEXTS[op.name])
+                if len(arg) * width > len(raw):
+                    raise pickle.UnpicklingError(f"a text whose decoding would take more than "
+                                                 f"the file's size")
+                cost = chars * width
             if op.name in ("PUT", "BINPUT", "LONG_BINPUT"):  # the memo grows to twice the index
                 index = (int(bytes(arg)) if op.name == "PUT" else
                          int.from_bytes(arg, "little"))
