@@ -248,6 +248,19 @@ def test_duplicate_members_and_huge_meta_are_refused(tmp_path, ckpt):
         checkpoint.load_checkpoint(ckpt)
 
 
+@pytest.mark.parametrize("chars", [limits.META_CHARS, 1 << 22])
+def test_the_largest_meta_of_the_worst_json_stays_within_the_bound(tmp_path, ckpt, chars):
+    """Past the list: `meta` may hold a history of 10,000 epochs; a 35 KB checkpoint whose meta
+    was 4 Mi characters of [{}, {}, ...] (JSON's worst, 21 times its size) took 172 MB."""
+    head = '{"activation": "relu", "class_names": %s, "x": [' % json.dumps(
+        data_loader.CLASS_NAMES)
+    meta = head + "{}," * ((chars - len(head) - 4) // 3) + "{}]}"
+    write_zip(ckpt, {**checkpoint_members(ckpt), "meta.npy": npy_bytes(np.array(meta))})
+    report = measured("checkpoint.load_checkpoint", ckpt)
+    assert (report["error"] is None) == (chars <= limits.META_CHARS), report
+    assert report["maxrss_mb"] < 150, report
+
+
 def test_a_zip_directory_of_many_entries_is_refused_before_it_is_parsed(tmp_path):
     """Past the list: zipfile holds ~600 bytes per directory entry; 300,000 empty entries
     (26 MB) took 196 MB before this check."""
