@@ -553,8 +553,8 @@ class _BatchUnpickler(pickle.Unpickler):
             if op.name in _TEXTS:  # CPython's decoder holds len(arg) characters of that width
                 chars, width = _text_width(arg, _TEXTS[op.name])
                 if len(arg) * width > len(raw):
-                    raise pickle.UnpicklingError(f"a text whose decoding would take more than "
-                                                 f"the file's size")
+                    raise pickle.UnpicklingError("a text whose decoding would take more than "
+                                                 "the file's size")
                 cost = chars * width
             if op.name in ("PUT", "BINPUT", "LONG_BINPUT"):  # the memo grows to twice the index
                 index = (int(bytes(arg)) if op.name == "PUT" else
