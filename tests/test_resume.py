@@ -340,6 +340,14 @@ def test_a_lock_that_is_a_link_is_refused_and_its_target_untouched(data_dir, tmp
     assert precious.read_text() == "precious"
 
 
+@pytest.fixture(scope="module")
+def finished(data_dir, tmp_path_factory):
+    """The folder of a finished 2-epoch run, to copy and tamper with."""
+    save_dir = tmp_path_factory.mktemp("finished")
+    assert run(data_dir, save_dir, "--epochs", "2")[0] == 0
+    return save_dir
+
+
 RECORD = {"epoch": 2, "train_loss": 0.5, "train_acc": 0.5, "val_loss": 0.5, "val_acc": 0.5,
           "lr": 0.5, "tflop": 0.5, "seconds": 0.5}  # an epoch's record, as train.py writes it
 
@@ -353,9 +361,9 @@ RECORD = {"epoch": 2, "train_loss": 0.5, "train_acc": 0.5, "val_loss": 0.5, "val
     ({"flops": float("inf")}, "not finite"), ({"best_epoch": 0}, "best epoch (0)"),
     ({"history": [{**RECORD, "epoch": 1}, {**RECORD, "val_loss": "x"}]}, "epoch 2"),
     ({"history": [{**RECORD, "epoch": 1}, {**RECORD, "tflop": float("nan")}]}, "epoch 2")])
-def test_a_crafted_run_state_is_one_clear_error(data_dir, tmp_path, change, message):
+def test_a_crafted_run_state_is_one_clear_error(data_dir, finished, tmp_path, change, message):
     """A finished state resumed just reports its result: a crafted one must be refused."""
-    assert run(data_dir, tmp_path, "--epochs", "2")[0] == 0
+    shutil.copytree(finished, tmp_path, dirs_exist_ok=True)
     state = tmp_path / train.STATE_FILE
     with np.load(state) as archive:
         arrays = {k: archive[k] for k in archive.files}
