@@ -83,9 +83,12 @@ def machine():
     blas = [i for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
     lines += [f"NumPy {np.__version__} BLAS: {i['internal_api']} {i.get('version')} "
               f"({i.get('architecture')} kernels), {i['num_threads']} threads" for i in blas]
-    lines.append(f"fused kernels: Numba {kernels.numba.__version__}, "
-                 f"{kernels.numba.get_num_threads()} threads" if kernels.ENABLED
-                 else "fused kernels: off (NumPy references)")
+    if kernels.ENABLED:
+        import numba
+        lines.append(f"fused kernels: Numba {numba.__version__}, {numba.get_num_threads()} "
+                     f"threads")
+    else:
+        lines.append("fused kernels: off (NumPy references)")
     try:
         import torch
         lines.append(f"PyTorch {torch.__version__} BLAS: "

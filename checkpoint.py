@@ -22,6 +22,7 @@ import cli
 import config as cfg
 import data_loader
 import files
+import limits
 from cli import Error
 from model import ACTIVATIONS, PARAM_NAMES, ThreeLayerNN
 
@@ -45,6 +46,9 @@ def save_checkpoint(path, net, mean, std, class_names, config, arrays=None, **ex
             "class_names": list(class_names), "config": config, **extra}
     arrays = {**net.params, **(arrays or {}), "mean": np.asarray(mean, np.float32),
               "std": np.asarray(std, np.float32), "meta": np.array(json.dumps(meta))}
+    refused = too_large({name: (a.shape, a.dtype) for name, a in arrays.items()})
+    if refused:  # nothing is written that load_checkpoint would refuse
+        raise CheckpointError(f"cannot save {path}: {refused}")
     with files.atomic_write(path) as f:
         np.savez(f, **arrays)
 
@@ -73,20 +77,24 @@ Member = namedtuple("Member", "kinds max_bytes")
 Member.__doc__ = """What an archive member may be: its dtype kinds (e.g. "f", "iu", "U") and the
 largest size of its data in bytes."""
 
-MAX_NAME = 100  # characters in a class name: longer ones break the plots' layout
-CENTRAL_BYTES_PER_MEMBER = 1024  # a member's zip directory entry (NumPy's take about 80)
-NPY_HEADER_BYTES = 4096  # the largest .npy header accepted (NumPy writes 128 bytes)
-MAX_WEIGHT_BYTES = 1 << 27  # 128 MiB: a 4096 x 4096 float64 or a 5792 x 5792 float32 matrix
-MAX_VECTOR_BYTES = 1 << 20  # a bias, mean or std: up to 131,072 float64 values
-MAX_META_BYTES = 1 << 24  # the JSON string, 4 bytes a character: a state's history of
-# 10,000 epochs (config.py's limit) takes about 8 MB
-
 # A run state (train.STATE_FILE) is a checkpoint with the optimiser's velocities besides.
+# `meta` is stored as UTF-32: 4 bytes a character.
 CHECKPOINT_MEMBERS = {
-    **{prefix + k: Member("f", MAX_WEIGHT_BYTES if k[0] == "w" else MAX_VECTOR_BYTES)
+    **{prefix + k: Member("f", limits.WEIGHT_BYTES if k[0] == "w" else limits.VECTOR_BYTES)
        for k in PARAM_NAMES for prefix in ("", "velocity_")},
-    "mean": Member("f", MAX_VECTOR_BYTES), "std": Member("f", MAX_VECTOR_BYTES),
-    "whitening": Member("f", MAX_WEIGHT_BYTES), "meta": Member("U", MAX_META_BYTES)}
+    "mean": Member("f", limits.VECTOR_BYTES), "std": Member("f", limits.VECTOR_BYTES),
+    "whitening": Member("f", limits.WEIGHT_BYTES), "meta": Member("U", 4 * limits.META_CHARS)}
+
+
+def too_large(arrays, members=CHECKPOINT_MEMBERS):
+    """Why read_archive would refuse one of `arrays` ({name: (shape, dtype)}) as larger than its
+    member may be, in words; None if every one fits. Writers ask before they write."""
+    for name, (shape, dtype) in arrays.items():
+        size = math.prod(shape) * np.dtype(dtype).itemsize
+        if name in members and size > members[name].max_bytes:
+            return (f"{name} of shape {tuple(shape)} takes {size:,} bytes, more than the "
+                    f"{members[name].max_bytes:,} a checkpoint may hold")
+    return None
 
 
 def read_archive(path, members, what="archive", error=Error):
@@ -116,7 +124,7 @@ def _read_zip(f, members):
     # zipfile parses the whole central directory into memory (600 bytes an entry): bound it
     # first, from the end record (a private helper, stable since Python 2).
     end = zipfile._EndRecData(f)
-    if end is not None and end[zipfile._ECD_SIZE] > CENTRAL_BYTES_PER_MEMBER * len(members):
+    if end is not None and end[zipfile._ECD_SIZE] > limits.ZIP_ENTRY_BYTES * len(members):
         raise ValueError(f"its directory of {end[zipfile._ECD_SIZE]} bytes lists more members "
                          f"than the {len(members)} it may hold")
     with zipfile.ZipFile(f) as archive:
@@ -128,7 +136,7 @@ def _read_zip(f, members):
         if len(set(names)) != len(names):
             raise ValueError("a member stored twice")
         for name, info in zip(names, infos):
-            if info.file_size > members[name].max_bytes + NPY_HEADER_BYTES:
+            if info.file_size > members[name].max_bytes + limits.NPY_HEADER_BYTES:
                 raise ValueError(f"member {name} declares {info.file_size} bytes, more than "
                                  f"the {members[name].max_bytes} it may hold")
         arrays = {}
@@ -146,15 +154,15 @@ def _read_npy(stream, name, member):
                (2, 0): np.lib.format.read_array_header_2_0}
     if version not in readers:
         raise ValueError(f"member {name} is in .npy format {version}, not 1.0 or 2.0")
-    shape, fortran, dtype = readers[version](stream, max_header_size=NPY_HEADER_BYTES)
+    shape, fortran, dtype = readers[version](stream, max_header_size=limits.NPY_HEADER_BYTES)
     if dtype.kind not in member.kinds or dtype.hasobject or dtype.fields or dtype.subdtype:
         raise ValueError(f"member {name} has dtype {dtype}, not of the kinds {member.kinds!r}")
     if fortran:
         raise ValueError(f"member {name} is stored in Fortran order")
+    refused = too_large({name: (shape, dtype)}, {name: member})
+    if refused:
+        raise ValueError(f"member {refused}")
     size = math.prod(shape) * dtype.itemsize
-    if size > member.max_bytes:
-        raise ValueError(f"member {name} has shape {shape}: {size} bytes, more than the "
-                         f"{member.max_bytes} it may hold")
     data = stream.read(size + 1)
     if len(data) != size:
         raise ValueError(f"member {name} holds {'more' if len(data) > size else 'less'} data "
@@ -179,9 +187,10 @@ def _checkpoint_from_arrays(path, arrays, extra_arrays):
         raise CheckpointError(f"{path} is not a valid checkpoint: bad metadata ({exc})") from None
     need(isinstance(activation, str) and activation in ACTIVATIONS,
          f"unknown activation {activation!r}")
-    need(isinstance(class_names, list) and all(isinstance(n, str) and 0 < len(n) <= MAX_NAME
+    longest = limits.CLASS_NAME_CHARS
+    need(isinstance(class_names, list) and all(isinstance(n, str) and 0 < len(n) <= longest
                                                 for n in class_names),
-         f"class_names is not a list of names of 1 to {MAX_NAME} characters")
+         f"class_names is not a list of names of 1 to {longest} characters")
     need(isinstance(meta.get("config", {}), dict), "config is not a dict")
     need(isinstance(meta.get("flip_average", False), bool), "flip_average is not true or false")
     shift = meta.get("test_shift", 0)
@@ -242,7 +251,8 @@ def save_model(path, net, prep, config, arrays=None, **extra):
     whitening = {} if prep.whitening is None else {"whitening": prep.whitening}
     save_checkpoint(path, net, prep.mean, prep.std, data_loader.CLASS_NAMES, config,
                           arrays={**whitening, **(arrays or {})},
-                          flip_average=config["flip_average"], test_shift=config["test_shift"],
+                          flip_average=config["flip_average"],
+                          test_shift=config.get("test_shift", 0),
                           **extra)
 
 
@@ -251,20 +261,42 @@ def save_state(path, net, optimizer, rng, prep, config, run):
     save_model(path, net, prep, config, optimizer.state(), run=run, rng=rng.bit_generator.state)
 
 
+RECORD_KEYS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "tflop",
+               "seconds")  # an epoch's record in a run's history, as training writes it
+
+
 def check_run(run, epochs):
-    """Refuse (ValueError) a progress record that is not one new_run and training write."""
+    """Refuse (ValueError) a progress record that is not one new_run and training write: every
+    epoch's record whole and finite, the best the history's first best, the compute finite."""
     fresh = new_run()
     if not (isinstance(run, dict) and set(run) == set(fresh)):
         raise ValueError(f"its record holds not just {', '.join(fresh)}")
-    numbers = [run[k] for k in ("epoch", "best_epoch", "best_acc", "flops")]
-    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in numbers):
-        raise ValueError("a count that is not a number")
+    if not all(finite(run[k]) for k in ("epoch", "best_epoch", "best_acc", "flops")):
+        raise ValueError("a count that is not a number or not finite")
+    history = run["history"]
     if not (isinstance(run["epoch"], int) and isinstance(run["best_epoch"], int)
-            and 0 <= run["best_epoch"] <= run["epoch"] <= epochs
-            and isinstance(run["history"], list) and len(run["history"]) == run["epoch"]
-            and all(isinstance(r, dict) for r in run["history"])
+            and 0 <= run["best_epoch"] <= run["epoch"] <= epochs and run["flops"] >= 0
+            and isinstance(history, list) and len(history) == run["epoch"]
             and run["stopped"] in (None, "early_stopping")):
         raise ValueError(f"epochs that do not add up (epoch {run['epoch']!r} of {epochs})")
+    for epoch, record in enumerate(history, start=1):
+        if not (isinstance(record, dict) and set(record) == set(RECORD_KEYS)
+                and type(record["epoch"]) is int and record["epoch"] == epoch
+                and all(finite(record[k]) for k in RECORD_KEYS)):
+            raise ValueError(f"the record of epoch {epoch} is not one training writes")
+    accuracies = [record["val_acc"] for record in history]
+    first_best = max(range(len(history)), key=accuracies.__getitem__, default=None)
+    if (run["best_epoch"], run["best_acc"]) != ((0, -1.0) if first_best is None else
+                                                (first_best + 1, accuracies[first_best])):
+        raise ValueError(f"a best epoch ({run['best_epoch']}) that is not the history's")
+
+
+def finite(x):
+    """Whether `x` is a number (not a bool) that a float holds."""
+    try:
+        return type(x) in (int, float) and math.isfinite(x)
+    except OverflowError:  # an int past the floats
+        return False
 
 
 def _same(a, b):
@@ -277,8 +309,8 @@ def _option_change(key, stored, config):
     if key not in stored:
         return f"{flag} (not in the state: saved by another version)"
     if key not in config:
-        return f"{flag} {stored[key]} (no such option in this version)"
-    return f"{flag} {stored[key]} (given {config[key]})"
+        return f"{flag} {str(stored[key])[:100]} (no such option in this version)"
+    return f"{flag} {str(stored[key])[:100]} (given {config[key]})"  # it may be huge
 
 
 def load_state(path, config, net, optimizer, rng, prep):

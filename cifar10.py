@@ -7,15 +7,17 @@ Images are uint8 rows of 3072 values in the official order (the red plane, then 
 then blue; each plane 32 rows of 32 pixels); labels are int64 class indices 0-9. Every
 limit on what a file may say is checked before it is decompressed, extracted or unpickled.
 """
+import codecs
 import contextlib
 import errno
 import hashlib
-import io
 import math
 import os
 import pickle
+import pickletools
 import shutil
 import stat
+import struct
 import tarfile
 import tempfile
 import time
@@ -29,6 +31,7 @@ from tqdm import tqdm
 
 import cli
 import files
+import limits
 
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -50,10 +53,7 @@ PART_SUFFIX = ".part"
 EXTRACT_PREFIX = ".cifar-10-extract-"
 STALE_SECONDS = 3600  # leftovers of a killed run older than this are deleted
 MEMBERS = TRAIN_FILES + [TEST_FILE, "batches.meta", "readme.html"]  # all that is extracted
-MAX_MEMBER_BYTES = 40 << 20  # each member of the archive: a real batch is 31 MB
-MAX_MEMBERS = 64  # the official archive has 9
-MAX_TAR_HEADER_BYTES = 64 << 10  # long names and pax records, which tarfile holds in memory
-MAX_DOWNLOAD_BYTES = 2 * 170_498_071  # twice the official archive
+DEFAULT_DIR = "data"  # the one data folder created for a download: any other must exist
 
 
 class DataError(cli.Error):
@@ -66,30 +66,54 @@ class DataError(cli.Error):
 
 
 
-def fetch(data_dir="data", url=None, md5=None, progress=True):
+def fetch(data_dir=DEFAULT_DIR, url=None, md5=None, progress=True):
     """The path of data_dir/cifar-10-batches-py, downloaded and extracted there if needed.
 
     Uses that folder if present, else data_dir/cifar-10-python.tar.gz, else downloads the
     archive from `url` (default: $CIFAR10_URL, else the official URL). The archive must have
-    MD5 `md5` (default: $CIFAR10_MD5, else the official archive's checksum).
+    MD5 `md5` (default: $CIFAR10_MD5, else the official archive's checksum). A `data_dir` that
+    does not exist is refused, unless it is the default, which a failed download leaves absent.
     """
     folder = os.path.join(data_dir, FOLDER)
-    if not _is_folder(folder):
-        url = url or os.environ.get("CIFAR10_URL") or URL
-        md5 = _check_md5_text(md5 or os.environ.get("CIFAR10_MD5") or MD5)
-        archive = os.path.join(data_dir, ARCHIVE)
-        try:
-            os.makedirs(data_dir, exist_ok=True)
-        except OSError as exc:
-            raise DataError(f"cannot create the data folder {data_dir}: "
-                            f"{exc.strerror or exc}") from None
+    if _is_folder(folder):
+        return folder
+    url = url or os.environ.get("CIFAR10_URL") or URL
+    md5 = _check_md5_text(md5 or os.environ.get("CIFAR10_MD5") or MD5)
+    archive = os.path.join(data_dir, ARCHIVE)
+    created = _data_folder(data_dir, folder, archive)
+    try:
         _remove_stale(data_dir)
         if os.path.isfile(archive):
             _verify(archive, md5)
         else:
             download(url, archive, md5, progress)
         extract(archive, data_dir)
+    except BaseException:
+        if created:  # the default folder, made for a download that failed
+            with contextlib.suppress(OSError):
+                os.rmdir(data_dir)
+        raise
     return folder
+
+
+def _data_folder(data_dir, folder, archive):
+    """Make sure `data_dir` is a folder to download into; True if it was created here. Only the
+    default is: another that does not exist is more likely a typo than a wish."""
+    if os.path.isdir(data_dir):
+        return False
+    if os.path.normpath(data_dir) != DEFAULT_DIR or os.path.lexists(data_dir):
+        what = "is not a folder" if os.path.lexists(data_dir) else "does not exist"
+        raise DataError(f"no CIFAR-10 at {data_dir}: it {what} (looked for the folder "
+                        f"{folder}/ and the archive {archive}); give the folder that holds "
+                        f"either, or create this one to download CIFAR-10 into it")
+    try:
+        os.mkdir(data_dir)
+    except FileExistsError:  # another run made it meanwhile
+        return False
+    except OSError as exc:
+        raise DataError(f"cannot create the data folder {data_dir}: "
+                        f"{exc.strerror or exc}") from None
+    return True
 
 
 def _is_folder(folder):
@@ -121,7 +145,7 @@ def _verify(archive, md5):
     """Refuse an archive found on disk whose checksum is not the expected one."""
     digest = hashlib.md5()
     try:
-        with open(archive, "rb") as f:
+        with files.open_regular(archive) as f:
             while chunk := f.read(CHUNK):
                 digest.update(chunk)
     except OSError as exc:
@@ -163,21 +187,24 @@ def _fetch(url, f, archive, progress):
         # urlopen verifies TLS certificates with the default SSL context.
         with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
             expected = int(response.headers.get("Content-Length") or 0) or None
-            if (expected or 0) > MAX_DOWNLOAD_BYTES:
+            if (expected or 0) > limits.DOWNLOAD_BYTES:
                 raise _too_large(url)
             with tqdm(total=expected, unit="B", unit_scale=True, unit_divisor=1024,
                       desc="downloading CIFAR-10", disable=not progress, leave=False) as bar:
                 while chunk := response.read(CHUNK):
                     received += len(chunk)
-                    if received > MAX_DOWNLOAD_BYTES:
+                    if received > limits.DOWNLOAD_BYTES:
                         raise _too_large(url)
                     f.write(chunk)
                     digest.update(chunk)
                     bar.update(len(chunk))
     except (OSError, ValueError) as exc:  # URLError, HTTPError and timeouts are OSErrors
         reason = exc if isinstance(exc, urllib.error.HTTPError) else getattr(exc, "reason", exc)
-        raise DataError(f"cannot download CIFAR-10 from {url} ({reason}); download {URL} by "
-                        f"hand and put it at {archive}, or set CIFAR10_URL to a mirror") from None
+        folder = os.path.join(os.path.dirname(archive), FOLDER)
+        raise DataError(f"no CIFAR-10 in {os.path.dirname(archive) or '.'} (looked for the "
+                        f"extracted folder {folder}/ and the archive {archive}) and cannot "
+                        f"download it from {url} ({reason}); put either there (the archive "
+                        f"is {URL}), or set CIFAR10_URL to a mirror") from None
     if expected is not None and received != expected:
         raise DataError(f"the download from {url} stopped after {received} of {expected} bytes "
                         f"and was discarded; run again to retry")
@@ -185,30 +212,31 @@ def _fetch(url, f, archive, progress):
 
 
 def _too_large(url):
-    return DataError(f"the download from {url} is larger than {MAX_DOWNLOAD_BYTES} "
+    return DataError(f"the download from {url} is larger than {limits.DOWNLOAD_BYTES} "
                      f"bytes (twice the CIFAR-10 archive) and was stopped and discarded: it is "
                      f"not the CIFAR-10 python archive")
 
 
 def extract(archive, data_dir):
     """Extract the CIFAR-10 files of `archive`'s cifar-10-batches-py folder into `data_dir`,
-    each at most MAX_MEMBER_BYTES, refusing members that could land outside it and skipping
-    any other; the folder appears only once complete."""
+    each at most limits.ARCHIVE_MEMBER_BYTES, refusing members that could land outside it
+    and skipping any other; the folder appears only once complete."""
     target = os.path.join(data_dir, FOLDER)
     tmp = tempfile.mkdtemp(dir=data_dir, prefix=EXTRACT_PREFIX)
     extracted = os.path.join(tmp, FOLDER)
     os.mkdir(extracted)
     try:
-        with tarfile.open(archive, "r:gz", tarinfo=_BoundedTarInfo) as tar:
+        with files.open_regular(archive) as f, \
+                tarfile.open(archive, "r:gz", f, tarinfo=_BoundedTarInfo) as tar:
             for count, member in enumerate(tar, 1):  # one pass: check each before it is written
-                if count > MAX_MEMBERS:
-                    raise DataError(f"refused {archive}: more than {MAX_MEMBERS} "
+                if count > limits.ARCHIVE_MEMBERS:
+                    raise DataError(f"refused {archive}: more than {limits.ARCHIVE_MEMBERS} "
                                     f"members, and CIFAR-10 has 9")
                 _check_member(member, tmp, archive)
-                if member.size > MAX_MEMBER_BYTES:  # refused, even skipped, before it is read
+                if member.size > limits.ARCHIVE_MEMBER_BYTES:  # refused before it is read
                     raise DataError(f"refused {archive}: member {member.name!r} has "
-                                    f"{member.size} bytes, more than the {MAX_MEMBER_BYTES} a "
-                                    f"CIFAR-10 file may have (a real batch is 31 MB)")
+                                    f"{member.size} bytes, more than the "
+                                    f"{limits.ARCHIVE_MEMBER_BYTES} a CIFAR-10 file may have")
                 folder, _, name = member.name.rstrip("/").partition("/")
                 if member.isfile() and folder == FOLDER and name in MEMBERS:
                     _copy_member(tar, member, os.path.join(extracted, name), archive)
@@ -230,13 +258,13 @@ def extract(archive, data_dir):
 
 class _BoundedTarInfo(tarfile.TarInfo):
     """A tar header whose extended headers (long names, pax records), which tarfile reads whole
-    into memory, may be at most MAX_TAR_HEADER_BYTES; sparse files are refused."""
+    into memory, may be at most limits.TAR_HEADER_BYTES; sparse files are refused."""
 
     def _proc_member(self, tarfile_):
         extended = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
                     tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
         if self.type == tarfile.GNUTYPE_SPARSE or (self.type in extended
-                                                   and self.size > MAX_TAR_HEADER_BYTES):
+                                                   and self.size > limits.TAR_HEADER_BYTES):
             raise DataError(f"refused {tarfile_.name}: a sparse member or an "
                             f"extended header of {self.size} bytes, which CIFAR-10 does not have")
         return super()._proc_member(tarfile_)
@@ -244,15 +272,14 @@ class _BoundedTarInfo(tarfile.TarInfo):
 
 def _copy_member(tar, member, path, archive):
     """Write one archive member to the new file `path`, counting bytes instead of trusting
-    the member's header: more than MAX_MEMBER_BYTES refuses the archive."""
+    the member's header: more than limits.ARCHIVE_MEMBER_BYTES refuses the archive."""
     refused = DataError(f"refused {archive}: member {member.name!r} is larger than "
-                        f"the {MAX_MEMBER_BYTES} bytes a CIFAR-10 file may have (a real batch "
-                        f"is 31 MB)")
+                        f"the {limits.ARCHIVE_MEMBER_BYTES} bytes a CIFAR-10 file may have")
     written = 0
     with tar.extractfile(member) as source, open(path, "xb") as out:  # "x": a duplicate fails
         while chunk := source.read(CHUNK):
             written += len(chunk)
-            if written > MAX_MEMBER_BYTES:
+            if written > limits.ARCHIVE_MEMBER_BYTES:
                 raise refused
             out.write(chunk)
 
@@ -299,13 +326,23 @@ def _remove_stale(data_dir):
 # shape larger than its buffer) is ever created. Only plain integer dtypes are known.
 _DTYPE_NAMES = {"u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8"}
 _BYTE_ORDERS = {"|", "<", ">", "="}
-MAX_IMAGES = 10000  # per batch file, as CIFAR-10's
-MAX_BATCH_BYTES = 40 << 20  # a real batch file is 31 MB
 
 
 def _text(value):
-    """A str from a str, or from the bytes Python 2's str loads as."""
-    return value.decode("latin1") if isinstance(value, bytes) else value
+    """A short str from a str, or from the bytes Python 2's str loads as; None otherwise (a
+    long one is not decoded: it may be one object referenced a million times)."""
+    if isinstance(value, (str, bytes)) and len(value) <= 16:
+        return value.decode("latin1") if isinstance(value, bytes) else value
+    return None
+
+
+def _brief(value):
+    """`value` for an error message: its repr if it is a short string or a number, else its
+    type (a crafted value may be huge, or a graph whose repr is)."""
+    if isinstance(value, (str, bytes)) and len(value) <= 40 or (
+            type(value) in (int, float) and abs(value) < 1e18):
+        return repr(value)
+    return f"a {type(value).__name__}"
 
 
 class _DType:
@@ -316,8 +353,8 @@ class _DType:
 
     def __init__(self, name, align=False, copy=True):
         if _text(name) not in _DTYPE_NAMES:
-            raise pickle.UnpicklingError(f"dtype {name!r} refused: a batch holds uint8 images and "
-                                         f"integer labels")
+            raise pickle.UnpicklingError(f"dtype {_brief(name)} refused: a batch holds uint8 "
+                                         f"images and integer labels")
         self.dtype = np.dtype(_text(name))
 
     def __setstate__(self, state):
@@ -326,7 +363,8 @@ class _DType:
                 and _text(state[1]) in _BYTE_ORDERS and state[2:5] == (None, None, None)
                 and state[5] in (-1, self.dtype.itemsize)
                 and state[6] in (-1, self.dtype.alignment) and state[7:] in ((0,), (0, None))):
-            raise pickle.UnpicklingError(f"a dtype with the state {state!r:.200}")
+            raise pickle.UnpicklingError("a dtype with a state other than NumPy's for a plain "
+                                         "integer type")
         if _text(state[1]) in "<>":
             self.dtype = self.dtype.newbyteorder(_text(state[1]))
 
@@ -335,13 +373,13 @@ _NDARRAY = object()  # what `numpy.ndarray` resolves to: a token, callable by no
 
 
 class _Array:
-    """What `_reconstruct(ndarray, (0,), b'b')` followed by BUILD rebuilds to: a C-ordered
-    array of at most MAX_IMAGES x PIXELS elements, copied from a buffer of exactly its size."""
+    """What `_reconstruct(ndarray, (0,), b'b')` followed by BUILD rebuilds to: an `_array`."""
+
+    array = None  # until BUILD gives the state
 
     def __init__(self, subtype, shape, typecode):
         if subtype is not _NDARRAY:
             raise pickle.UnpicklingError("_reconstruct of something other than an ndarray")
-        self.array = None
 
     def __setstate__(self, state):
         if isinstance(state, tuple) and len(state) == 5:
@@ -349,16 +387,24 @@ class _Array:
         if not (isinstance(state, tuple) and len(state) == 4):
             raise pickle.UnpicklingError("an ndarray state that is not (shape, dtype, order, data)")
         shape, dtype, fortran, data = state
-        if not (isinstance(shape, tuple) and 1 <= len(shape) <= 2
-                and all(type(n) is int and n >= 0 for n in shape)
-                and math.prod(shape) <= MAX_IMAGES * PIXELS):
-            raise pickle.UnpicklingError(f"an array of shape {shape!r:.100}")
-        if not isinstance(dtype, _DType) or fortran not in (False, 0):
-            raise pickle.UnpicklingError("an array that is not a C-ordered plain integer array")
-        if not (isinstance(data, (bytes, bytearray))
-                and len(data) == math.prod(shape) * dtype.dtype.itemsize):
-            raise pickle.UnpicklingError("an array whose data does not match its shape")
-        self.array = np.frombuffer(data, dtype.dtype).reshape(shape).copy()
+        self.array = _array(data, dtype, shape, "F" if fortran not in (False, 0) else "C")
+
+
+def _array(data, dtype, shape, order="C"):
+    """What `numpy.core.numeric._frombuffer(data, dtype, shape, order)` (protocol 5) rebuilds
+    to: a C-ordered plain integer array of at most IMAGES_PER_BATCH x PIXELS elements, a
+    read-only view of a buffer of exactly its size (any number of them over one buffer cost
+    nothing more)."""
+    if not (isinstance(shape, tuple) and 1 <= len(shape) <= 2
+            and all(type(n) is int and n >= 0 for n in shape)
+            and math.prod(shape) <= limits.IMAGES_PER_BATCH * PIXELS):
+        raise pickle.UnpicklingError(f"an array of shape {_brief(shape)}")
+    if not isinstance(dtype, _DType) or order != "C":
+        raise pickle.UnpicklingError("an array that is not a C-ordered plain integer array")
+    if not (isinstance(data, (bytes, bytearray))
+            and len(data) == math.prod(shape) * dtype.dtype.itemsize):
+        raise pickle.UnpicklingError("an array whose data does not match its shape")
+    return np.frombuffer(data, dtype.dtype).reshape(shape)
 
 
 def _scalar(dtype, data):
@@ -369,58 +415,190 @@ def _scalar(dtype, data):
     return int(np.frombuffer(data, dtype.dtype)[0])
 
 
-def _latin1_encode(text, encoding="latin1"):
-    """What pickles written by Python 3 with protocol 2 call to rebuild a bytes object."""
-    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
-        raise pickle.UnpicklingError(f"_codecs.encode with {encoding!r}")
-    return text.encode("latin1")
-
-
 # Everything a CIFAR-10 batch may name (the official files name numpy.core, NumPy 2 writes
-# numpy._core; labels may be NumPy ints in re-saved files); dicts, lists, str, bytes and ints
-# need no global.
+# numpy._core, and protocol 5 _frombuffer; labels may be NumPy ints in re-saved files); dicts,
+# lists, str, bytes and ints need no global. `_codecs.encode`, which pickles of protocol < 3
+# call to rebuild bytes, is the unpickler's own method: what it builds is counted.
 _ALLOWED = {
     ("numpy.core.multiarray", "_reconstruct"): _Array,
     ("numpy._core.multiarray", "_reconstruct"): _Array,
+    ("numpy.core.numeric", "_frombuffer"): _array,
+    ("numpy._core.numeric", "_frombuffer"): _array,
     ("numpy.core.multiarray", "scalar"): _scalar,
     ("numpy._core.multiarray", "scalar"): _scalar,
     ("numpy", "ndarray"): _NDARRAY,
     ("numpy", "dtype"): _DType,
-    ("_codecs", "encode"): _latin1_encode,
+    ("_codecs", "encode"): "encode",
 }
+
+# The opcodes by their byte, the width of each kind of length prefix, and the opcodes whose
+# argument becomes a str, with the codec that decodes it.
+_OPCODES = {op.code.encode("latin1")[0]: op for op in pickletools.opcodes}
+_COUNTS = {pickletools.TAKEN_FROM_ARGUMENT1: "<B", pickletools.TAKEN_FROM_ARGUMENT4: "<i",
+           pickletools.TAKEN_FROM_ARGUMENT4U: "<I", pickletools.TAKEN_FROM_ARGUMENT8U: "<Q"}
+_TEXTS = {"UNICODE": "raw-unicode-escape", "SHORT_BINUNICODE": "utf-8", "BINUNICODE": "utf-8",
+          "BINUNICODE8": "utf-8", "GLOBAL": "utf-8", "INST": "utf-8"}
+
+
+# The entries of dicts and sets each opcode makes, from the items it takes off the stack.
+_ENTRIES = {"SETITEM": lambda items: 1, "SETITEMS": lambda items: items // 2,
+            "DICT": lambda items: items // 2, "ADDITEMS": lambda items: items,
+            "FROZENSET": lambda items: items}
+
+
+class _Stack:
+    """The depth of the unpickler's stack and its marks, followed opcode by opcode, to know
+    how many items an opcode takes down to its mark. A pop past a mark is refused, as the
+    unpickler refuses it."""
+
+    def __init__(self):
+        self.depth, self.marks = 0, []
+
+    def apply(self, op):
+        """Follow `op`; return how many items it took down to a mark (0 for others)."""
+        before, after, items = op.stack_before, op.stack_after, 0
+        if op.name == "POP" and self.marks and self.marks[-1] == self.depth:
+            self.marks.pop()  # POP takes a mark that is on top
+            return 0
+        if pickletools.markobject in before:
+            if not self.marks:
+                raise pickle.UnpicklingError(f"{op.name} without a MARK")
+            items, self.depth = self.depth - self.marks[-1], self.marks.pop()
+            before = before[:before.index(pickletools.markobject)]
+        self.depth -= len(before)
+        if self.depth < (self.marks[-1] if self.marks else 0):
+            raise pickle.UnpicklingError(f"{op.name} takes more than the stack holds")
+        if pickletools.markobject in after:
+            self.marks.append(self.depth)
+        else:
+            self.depth += len(after)
+        return items
+
+
+def _opcodes(raw):
+    """Each opcode of the pickle `raw` up to its STOP, as (opcode, its argument's bytes),
+    read the way the unpickler reads them but building nothing."""
+    view, pos = memoryview(raw), 0
+    while True:
+        op = _OPCODES.get(raw[pos]) if pos < len(raw) else None
+        if op is None:
+            raise pickle.UnpicklingError(f"no opcode at byte {pos}")
+        n = op.arg.n if op.arg else 0
+        start = end = pos + 1
+        if n == pickletools.UP_TO_NEWLINE:  # GLOBAL and INST take two lines
+            for _ in range(2 if op.arg.name == "stringnl_noescape_pair" else 1):
+                end = raw.find(b"\n", end) + 1 or len(raw) + 1
+        elif n < 0:
+            count = struct.unpack_from(_COUNTS[n], raw, start)[0]
+            start += struct.calcsize(_COUNTS[n])
+            end = start + count if count >= 0 else len(raw) + 1
+        else:
+            end = start + n
+        if end > len(raw):
+            raise pickle.UnpicklingError(f"{op.name} at byte {pos} runs past the end")
+        yield op, view[start:end]
+        if op.name == "STOP":
+            return
+        pos = end
+
+
+def _text_width(data, encoding):
+    """The characters of the str that `data` decodes to, and the bytes each takes (ASCII with
+    one emoji in it takes four), found a megabyte at a time."""
+    decoder = codecs.getincrementaldecoder(encoding)(
+        "surrogatepass" if encoding == "utf-8" else "strict")
+    chars = widest = 0
+    for start in range(0, len(data), CHUNK):
+        piece = decoder.decode(data[start:start + CHUNK], start + CHUNK >= len(data))
+        chars, widest = chars + len(piece), max(widest, ord(max(piece, default="\0")))
+    return chars, 1 if widest < 0x100 else 2 if widest < 0x10000 else 4
+
+
+class _Input:
+    """The pickle's bytes as a file whose reads are views, not copies, for the unpickler."""
+
+    def __init__(self, raw):
+        self.raw, self.view, self.pos = raw, memoryview(raw), 0
+
+    def read(self, n=-1):
+        end = len(self.raw) if n is None or n < 0 else min(self.pos + n, len(self.raw))
+        piece, self.pos = self.view[self.pos:end], end
+        return piece
+
+    def readline(self):
+        return self.read((self.raw.find(b"\n", self.pos) + 1 or len(self.raw) + 1) - self.pos)
+
+    def readinto(self, buffer):
+        piece = self.read(len(buffer))
+        buffer[:len(piece)] = piece
+        return len(piece)
 
 
 class _BatchUnpickler(pickle.Unpickler):
-    """An unpickler that builds only plain integer arrays and containers: loading a crafted
-    file can neither run code nor hand NumPy a state that corrupts memory."""
+    """An unpickler that builds only plain integer arrays and containers, within one memory
+    budget (limits.UNPICKLED_BYTES): loading a crafted file can neither run code, hand NumPy a
+    state that corrupts memory, nor take more memory than a real batch.
 
-    def __init__(self, file, path):
-        super().__init__(file, encoding="bytes")
-        self.path = path
+    Before anything is built, every opcode is charged what it builds (its argument, a memo
+    slot up to its index, or the largest object an opcode makes), and a text may take no more
+    than the file's size while it is decoded; while loading, each `_codecs.encode` is charged
+    the bytes it makes (one text may be encoded many times). So a batch takes at most twice
+    its size plus the budget."""
+
+    def __init__(self, raw, path):
+        super().__init__(_Input(raw), encoding="bytes")
+        self.path, self.spent, memo, entries, stack = path, 0, 0, 0, _Stack()
+        for op, arg in _opcodes(raw):
+            cost = len(arg)
+            if op.name in _TEXTS:  # CPython's decoder holds len(arg) characters of that width
+                chars, width = _text_width(arg, _TEXTS[op.name])
+                if len(arg) * width > len(raw):
+                    raise pickle.UnpicklingError("a text whose decoding would take more than "
+                                                 "the file's size")
+                cost = chars * width
+            if op.name in ("PUT", "BINPUT", "LONG_BINPUT"):  # the memo grows to twice the index
+                index = (int(bytes(arg)) if op.name == "PUT" else
+                         int.from_bytes(arg, "little"))
+                cost, memo = cost + 16 * max(0, index + 1 - memo), max(memo, index + 1)
+            entries += _ENTRIES.get(op.name, lambda items: 0)(stack.apply(op))
+            if entries > limits.DICT_ENTRIES:  # keys crafted to share a hash: quadratic time
+                raise pickle.UnpicklingError(f"more than the {limits.DICT_ENTRIES} dict and "
+                                             f"set entries a batch may hold")
+            self.charge(limits.OPCODE_BYTES + cost)
+
+    def charge(self, size):
+        self.spent += size
+        if self.spent > limits.UNPICKLED_BYTES:
+            raise pickle.UnpicklingError(f"it would build more than the "
+                                         f"{limits.UNPICKLED_BYTES} bytes a batch may take")
+
+    def encode(self, text, encoding="latin1"):
+        """What `_codecs.encode(text, "latin1")` rebuilds: the bytes a pickle of protocol < 3
+        stores as text."""
+        if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+            raise pickle.UnpicklingError(f"_codecs.encode with {_brief(encoding)}")
+        self.charge(len(text))
+        return text.encode("latin1")
 
     def find_class(self, module, name):
         if (module, name) not in _ALLOWED:
             raise DataError(f"{self.path} is not a CIFAR-10 batch: it names "
-                            f"{module}.{name}, which was refused (a batch "
+                            f"{module[:100]}.{name[:100]}, which was refused (a batch "
                             f"holds only NumPy arrays and lists)")
-        return _ALLOWED[module, name]
-
-
-def _unwrap(value):
-    """The array an _Array stand-in holds (None if never filled); other values as they are."""
-    return value.array if isinstance(value, _Array) else value
+        found = _ALLOWED[module, name]
+        return getattr(self, found) if isinstance(found, str) else found
 
 
 def read_batch(path):
     """The images (uint8, (N, 3072), N <= 10000) and labels (int64, (N,)) of one batch file,
-    checked; the file must be a regular file of at most MAX_BATCH_BYTES."""
+    checked; the file must be a regular file of at most limits.BATCH_FILE_BYTES."""
+    most = limits.BATCH_FILE_BYTES
     try:
-        with files.open_regular(path, MAX_BATCH_BYTES) as f:
-            raw = f.read(MAX_BATCH_BYTES + 1)  # the file may grow after the size check
-        if len(raw) > MAX_BATCH_BYTES:
-            raise OSError(errno.EFBIG, f"more than the {MAX_BATCH_BYTES} bytes it may hold")
-        batch = _BatchUnpickler(io.BytesIO(raw), path).load()
-        del raw
+        with files.open_regular(path, most) as f:
+            raw = f.read(most + 1)  # the file may grow after the size check
+        if len(raw) > most:
+            raise OSError(errno.EFBIG, f"more than the {most} bytes it may hold")
+        batch = _BatchUnpickler(raw, path).load()
     except DataError:
         raise
     except OSError as exc:
@@ -429,13 +607,15 @@ def read_batch(path):
                         f"again") from None
     except Exception as exc:  # any parse failure or refusal means a damaged or crafted file
         raise DataError(f"{path} is damaged or not a CIFAR-10 batch "
-                        f"({type(exc).__name__}: {exc}); delete its folder to "
+                        f"({type(exc).__name__}: {str(exc)[:200]}); delete its folder to "
                         f"download again") from None
     if not isinstance(batch, dict):
         raise DataError(f"{path} is not a CIFAR-10 batch: it holds a "
                         f"{type(batch).__name__}")
-    batch = {_text(k): _unwrap(v) for k, v in batch.items() if isinstance(k, (str, bytes))}
-    return _check_batch(path, batch.get("data"), batch.get("labels"))
+    data, labels = (batch.get(key, batch.get(key.encode())) for key in ("data", "labels"))
+    data, labels = (value.array if isinstance(value, _Array) else value
+                    for value in (data, labels))
+    return _check_batch(path, data, labels)
 
 
 def _check_batch(path, data, labels):
@@ -445,17 +625,27 @@ def _check_batch(path, data, labels):
                      else type(data).__name__)
         raise DataError(f"{path}: 'data' should be a uint8 array of shape (N, {PIXELS}), "
                         f"got {described}")
-    try:
-        labels = np.asarray(labels)
-    except Exception:  # ragged or odd objects
-        labels = np.asarray([None])
-    if labels.dtype.kind not in "iu" or labels.shape != (len(data),):
-        raise DataError(f"{path}: 'labels' should be {len(data)} integers, got "
-                        f"{labels.dtype} values of shape {labels.shape}")
-    if labels.min() < 0 or labels.max() >= N_CLASSES:
+    found = _labels(labels, len(data))
+    if found is None:
+        described = (f"{labels.dtype} values of shape {labels.shape}"
+                     if isinstance(labels, np.ndarray) else f"a {type(labels).__name__}"
+                     + (f" of {len(labels)} items" if isinstance(labels, list) else ""))
+        raise DataError(f"{path}: 'labels' should be {len(data)} integers, got {described}")
+    if found.min() < 0 or found.max() >= N_CLASSES:
         raise DataError(f"{path}: labels must lie in 0-{N_CLASSES - 1}, found "
-                        f"{labels.min()} to {labels.max()}")
-    return data, labels.astype(np.int64)
+                        f"{found.min()} to {found.max()}")
+    return data, found
+
+
+def _labels(labels, n):
+    """`labels` as n int64 values, or None: a list is checked item by item before NumPy sees
+    it (K references to one list of K would make K² values)."""
+    if isinstance(labels, np.ndarray) and labels.dtype.kind in "iu" and labels.shape == (n,):
+        return labels.astype(np.int64)  # uint64 past int64 wraps to negative: refused
+    if isinstance(labels, list) and len(labels) == n and all(type(y) is int for y in labels):
+        with contextlib.suppress(OverflowError):
+            return np.array(labels, np.int64)
+    return None
 
 
 def read_folder(folder):

@@ -130,8 +130,9 @@ def run(main, argv=None):
 
 
 def one_line(exc):
-    """The message of `exc` on one line, however many lines it holds."""
-    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    """The message of `exc` on one line, however many lines it holds, escaped for the terminal
+    (it may quote a file)."""
+    return shown(" ".join(line.strip() for line in str(exc).splitlines() if line.strip()))
 
 
 

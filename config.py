@@ -6,6 +6,7 @@ into a command-line option, so adding an option is one `Option(...)` line (plus 
 import math
 from collections import namedtuple
 
+import limits
 from cli import Error
 
 Option = namedtuple("Option", "default help choices range", defaults=(None, None))
@@ -24,7 +25,7 @@ OPTIONS = {
     "hidden_size": Option([1024, 1024], "sizes of the two hidden layers: one int for both, "
                           "or two ints"),
     "activation": Option("relu", "hidden-layer activation (model.ACTIVATIONS)"),
-    "epochs": Option(100, "passes over the training split", range="(0, 10000]"),
+    "epochs": Option(100, "passes over the training split", range=f"(0, {limits.EPOCHS}]"),
     "batch_size": Option(128, "images per SGD step", range=POSITIVE),
     "lr": Option(0.05, "peak learning rate", range=POSITIVE),
     "lr_schedule": Option("onecycle", "learning-rate schedule after warmup: step (multiply by "

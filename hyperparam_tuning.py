@@ -28,6 +28,7 @@ import cli
 import config as cfg
 import data_loader
 import files
+import limits
 import model
 import search_report
 import search_space
@@ -66,6 +67,10 @@ def make_plan(args):
     if args.sampler == "grid" and ranges:
         raise cli.Error(f"--sampler grid needs lists of values, but {ranges[0]} is a range "
                         "lo:hi; list values or use --sampler random or tpe")
+    if args.sampler == "grid" and search_space.grid_size(space) > limits.GRID_POINTS:
+        raise cli.Error(f"--sampler grid: the space holds {search_space.grid_size(space):,} "
+                        f"combinations, more than the {limits.GRID_POINTS:,} a grid may run; "
+                        "list fewer values, or use --sampler random or tpe")
     for key, p in space.items():  # each choice and both ends of each range make a valid config
         for value in p.get("choices", [p.get("low"), p.get("high")]):
             try:
@@ -74,6 +79,11 @@ def make_plan(args):
                 model.get_activation(config["activation"])
             except cli.Error as exc:
                 raise cli.Error(f"--space {key}={value}: {exc}") from None
+    for config in largest_networks(args.preset, fixed, space):
+        try:
+            train.check_network(config)
+        except cli.Error as exc:
+            raise cli.Error(f"--space: {exc}") from None
     if "lr_decay" in space and base["lr_schedule"] != "step":
         print("note: lr_decay only acts with --lr-schedule step", file=sys.stderr)
     out_dir = args.out_dir or os.path.join("results", args.study_name)
@@ -88,7 +98,24 @@ def make_plan(args):
     return {**vars(args), "out_dir": out_dir, "storage": storage, "space": space,
             "fixed": fixed, "base": base, "n_trials": n_trials,
             "deadline": time.time() + args.timeout if args.timeout else None,
-            "data_dir": base["data_dir"], "parent_pid": None}
+            "data_dir": base["data_dir"], "parent_pid": None, "out_dir_identity": None}
+
+
+def largest_networks(preset, fixed, space):
+    """A configuration for each hidden size the search may train, with the most inputs and the
+    widest dtype it allows: no trial's network is larger than one of these."""
+    def values(key):
+        p = space.get(key)
+        if p is None:
+            return [cfg.make_config(preset, **fixed)[key]]
+        found = p["choices"] if "choices" in p else [p["low"], p["high"]]
+        return [search_space.config_values({key: v})[key] for v in found]
+
+    whiten = max(values("whiten"), key=lambda w: w or data_loader.PIXELS)  # 0: every pixel
+    dtype = max(values("dtype"), key=lambda d: np.dtype(d).itemsize)
+    for hidden in values("hidden_size"):
+        yield cfg.make_config(preset, **{**fixed, "hidden_size": hidden, "whiten": whiten,
+                                         "dtype": dtype})
 
 
 def make_sampler(plan, worker, n_trials):
@@ -191,6 +218,7 @@ class Worker:
         deadline = self.plan["deadline"]
         if cli.stop_signal or (deadline and time.time() >= deadline):
             return None
+        files.check_folder(self.plan["out_dir"])  # else a trial's folder would make it again
         with self.claimed() as (has_work, trials):
             if not has_work:
                 return None
@@ -287,11 +315,12 @@ def worker_main(plan, index):
     catch_interrupts(plan["parent_pid"])
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
-        worker = Worker(plan, index, data_loader.load_data(plan["data_dir"], progress=False))
-        try:
-            worker.run()
-        finally:
-            worker.close()
+        with files.held_elsewhere(plan["out_dir"], plan["out_dir_identity"]):
+            worker = Worker(plan, index, data_loader.load_data(plan["data_dir"], progress=False))
+            try:
+                worker.run()
+            finally:
+                worker.close()
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as exc:
@@ -334,7 +363,7 @@ def status_line(study, plan):
     """What the study holds and what this run will do, in one line."""
     trials, workers = study.get_trials(deepcopy=False), plan["workers"]
     finished = counted([t for t in trials if t.state.is_finished()])
-    what = (f"a grid of {len(search_space.grid(plan['space']))} combinations"
+    what = (f"a grid of {search_space.grid_size(plan['space'])} combinations"
             if plan["sampler"] == "grid" else f"a {plan['sampler']} search")
     todo = to_run(plan, trials)
     threads = f" with {blas_threads(workers)} BLAS thread(s) each" if workers > 1 else ""
@@ -422,8 +451,10 @@ def main(argv=None):
                for key, p in plan["space"].items()
                if key in ("val_size", "batch_size", "whiten")}
     train.check_fits({**plan["base"], **largest}, len(data[0]))  # the data can fill them
-    with files.folder_lock(plan["out_dir"], "--out-dir"):
+    with files.folder_lock(plan["out_dir"], "--out-dir") as identity:
+        plan["out_dir_identity"] = identity  # the workers hold the same folder
         search_report.check_out_dir(plan)
+        files.remove_stale_temps(plan["out_dir"], search_report.WRITTEN)
         worker = Worker(plan, data=data if plan["workers"] == 1 else None)
         del data
         try:
@@ -441,6 +472,7 @@ def main(argv=None):
             return 128 + signum
         finally:  # also after a signal: the tables and the best so far
             worker.close()
+            files.check_folder(plan["out_dir"])  # a folder moved away gets no report
             search_report.report(worker.study, plan)
     return 0
 

@@ -7,21 +7,30 @@ so a later run loads it in a fraction of a second). It computes in the same orde
 reference, so the results are the same bit for bit (tests/test_kernels.py). Without Numba,
 or with the environment variable MLP_KERNELS=numpy, ENABLED is False and the references run.
 """
+import functools
+import importlib.util
 import os
 
 import numpy as np
 
-try:
-    import numba
-except ImportError:  # the NumPy references run instead
-    numba = None
-
-ENABLED = numba is not None and os.environ.get("MLP_KERNELS", "") != "numpy"
+AVAILABLE = importlib.util.find_spec("numba") is not None
+ENABLED = AVAILABLE and os.environ.get("MLP_KERNELS", "") != "numpy"
+prange = range  # numba.prange once Numba is loaded: the loops below it run on every core
 
 
 def _compiled(kernel):
-    """`kernel` compiled for all cores (prange loops), or None when the references run."""
-    return numba.njit(parallel=True, cache=True)(kernel) if ENABLED else None
+    """`kernel`, compiled for all cores (its prange loops) and cached on disk at its first
+    call: Numba is loaded only when a kernel runs, not by every script that imports this."""
+    @functools.wraps(kernel)
+    def run(*args):
+        if run.compiled is None:
+            global prange
+            import numba
+            prange = numba.prange
+            run.compiled = numba.njit(parallel=True, cache=True)(kernel)
+        return run.compiled(*args)
+    run.compiled = None
+    return run
 
 
 # --- optim.SGD's update (reference: optim.SGD.update) -----------------------------------------
@@ -30,7 +39,7 @@ def _compiled(kernel):
 @_compiled
 def sgd_update(p, g, v, lr, momentum, reg, nesterov):
     """p, v <- one SGD step on flat arrays, with L2 `reg` and momentum (v of size 0: none)."""
-    for i in numba.prange(p.size):
+    for i in prange(p.size):
         step = (g[i] + reg * p[i]) * lr
         if v.size == 0:
             p[i] -= step
@@ -49,7 +58,7 @@ def sgd_update(p, g, v, lr, momentum, reg, nesterov):
 def make_batch(images, idx, flips, shifts, mean, std, out):
     """out[i] = (image idx[i], mirrored if flips[i], shifted by shifts[i] with the uncovered
     border 0, - mean) / std, for uint8 images in CIFAR layout (3 planes of 32 x 32)."""
-    for i in numba.prange(len(idx)):
+    for i in prange(len(idx)):
         image, dy, dx = images[idx[i]], shifts[i, 0], shifts[i, 1]
         for c in range(3):
             for y in range(32):

@@ -7,12 +7,15 @@ import collections
 import csv
 import json
 import os
+import re
+import shutil
 
 from optuna.trial import TrialState
 
 import checkpoint
 import cli
 import files
+import limits
 import utils
 from utils import fmt
 from study_storage import STATES, failure, interrupted, trial_params, where
@@ -20,6 +23,7 @@ from study_storage import STATES, failure, interrupted, trial_params, where
 FILES = {"json": "trials.json", "csv": "trials.csv", "best": "best_result.json",
          "model": "best.npy", "history": "optimization_history.png",
          "importance": "param_importance.png"}  # and val_acc_<a>_<b>.png
+WRITTEN = [*FILES.values(), "val_acc_*.png"]  # every name it writes, as patterns
 
 
 
@@ -57,16 +61,23 @@ def write_tables(study, plan):
         writer.writerows({**row, **row["params"]} for row in rows)
 
 
+# trials.json begins with the study and the storage it belongs to (see write_tables).
+_HEAD = re.compile(r'\s*\{\s*"study":\s*("(?:[^"\\]|\\.)*"),\s*"storage":\s*("(?:[^"\\]|\\.)*")')
+
+
 def check_out_dir(plan):
-    """Refuse an --out-dir whose trials.json belongs to another study: folders would mix."""
+    """Refuse an --out-dir whose trials.json belongs to another study: folders would mix. Only
+    its head is read, where it names them: a FIFO, a huge or a deeply nested file is no
+    matter."""
     try:
-        with open(os.path.join(plan["out_dir"], FILES["json"]), encoding="utf-8") as f:
-            held = json.load(f)
-        held = (held["study"], where(held["storage"]))
+        with files.open_regular(os.path.join(plan["out_dir"], FILES["json"])) as f:
+            found = _HEAD.match(f.read(limits.TRIALS_HEAD_BYTES).decode("utf-8", "replace"))
+        held = (json.loads(found[1]), where(json.loads(found[2]))) if found else None
     except FileNotFoundError:
         return
-    except (OSError, ValueError, KeyError, TypeError):
-        held = ("unknown (its trials.json cannot be read)", "?")
+    except (OSError, ValueError):
+        held = None
+    held = held or ("unknown (its trials.json cannot be read)", "?")
     if held != (plan["study_name"], where(plan["storage"])):
         raise cli.Error(f"--out-dir {plan['out_dir']} holds study {held[0]!r} in {held[1]}; "
                         "give this study another --out-dir")
@@ -80,8 +91,8 @@ def write_best(best, plan):
     target = os.path.join(plan["out_dir"], FILES["model"])
     try:
         checkpoint.load_checkpoint(source)
-        with open(source, "rb") as src, files.atomic_write(target) as dst:
-            dst.write(src.read())
+        with files.open_regular(source) as src, files.atomic_write(target) as dst:
+            shutil.copyfileobj(src, dst)
     except (OSError, cli.Error) as exc:
         print(f"note: no {FILES['model']} here: {cli.one_line(exc)} (another machine may "
               "have run the best trial)")

@@ -9,12 +9,14 @@ values must be scalars).
 """
 import itertools
 import json
+import math
 
 import optuna
 
 import cli
 import config as cfg
 import files
+import limits
 
 # How a value is read, by the type of the option's default: (reader, what it should be).
 READ = {
@@ -49,7 +51,7 @@ def load_space_file(path):
     """The search space in a JSON file, read as --space items: {"lr": [0.01, 0.05], "reg":
     {"low": 1e-4, "high": 1e-2, "log": true}, "hidden_size": [256, [512, 256]]}."""
     try:
-        with files.open_regular(path, max_bytes=1 << 20) as f:  # not a FIFO: it would hang
+        with files.open_regular(path, limits.SPACE_FILE_BYTES) as f:  # not a FIFO: it would hang
             spec = json.loads(f.read().decode("utf-8"))
     except OSError as exc:
         raise cli.Error(f"cannot read --space-file {path}: {exc.strerror}") from None
@@ -119,6 +121,11 @@ def config_values(params):
     if "hidden_size" not in params:
         return dict(params)
     return {**params, "hidden_size": hidden_sizes(params["hidden_size"])}
+
+
+def grid_size(space):
+    """How many combinations a space of choices holds, counted without making them."""
+    return math.prod(len(p["choices"]) for p in space.values())
 
 
 def grid(space):

@@ -22,9 +22,11 @@ How workers share a study (for maintainers)
 - Folders: the parent holds --out-dir; its trials.json names the one study it holds.
 """
 import contextlib
+import errno
 import fcntl
 import os
 import re
+import shutil
 import socket
 import sys
 import uuid
@@ -60,7 +62,7 @@ class JournalStore:
         os.makedirs(path + ".workers", exist_ok=True)
         # One open file for every append's flock: a lock that a signal left held (between
         # acquire and release) is taken again at once, not waited for by its own process.
-        self.path, self._journal = path, open(path, "ab")
+        self.path, self._journal = path, files.open_regular(path, mode="ab")
         with self.lock(CLAIM):  # under which tokens are also made: none is swept half-made
             for token in filter(TOKEN.fullmatch, os.listdir(path + ".workers")):
                 with self.lock(token, wait=False):  # a dead process's token file goes
@@ -85,25 +87,49 @@ class JournalStore:
 
     def acquire(self):
         fcntl.flock(self._journal, fcntl.LOCK_EX)  # Optuna's own lock is a symlink: no clash
-        with open(self.path, "rb+") as f:
+        try:  # Optuna appends by path: it must still name the journal this store opened
+            same = os.path.samestat(os.fstat(self._journal.fileno()), os.stat(self.path))
+        except OSError:
+            same = False
+        if not same:
+            self.release()
+            raise cli.Error(f"{self.path} was moved or replaced while this search used it: "
+                            f"stopped") from OSError(errno.ESTALE, "journal moved")
+        with files.open_regular(self.path, mode="r+b") as f:
             size = f.seek(0, os.SEEK_END)
-            f.seek(max(0, size - 1))
-            if size == 0 or f.read(1) == b"\n":
+            start = _last_line_start(f, size)
+            if start == size:
                 return True
-            f.seek(max(0, size - (1 << 20)))  # a journal line is far shorter than 1 MiB
-            tail = f.read()
-            tail = tail[tail.rfind(b"\n") + 1:]
-            with open(self.path + ".torn", "ab") as aside:
-                aside.write(tail + b"\n")
+            with files.open_regular(self.path + ".torn", mode="ab") as aside:
+                f.seek(start)
+                shutil.copyfileobj(f, aside)  # a piece at a time: the line may be long
+                aside.write(b"\n")
+                aside.flush()
                 os.fsync(aside.fileno())
-            f.truncate(size - len(tail))
+            f.truncate(start)
             os.fsync(f.fileno())
-        print(f"note: {self.path} ended in an unfinished line ({len(tail)} bytes, left by a full "
-              f"disk or a power cut); moved it to {self.path}.torn", file=sys.stderr, flush=True)
+        print(f"note: {self.path} ended in an unfinished line ({size - start} bytes, left by a "
+              f"full disk or a power cut); moved it to {self.path}.torn", file=sys.stderr,
+              flush=True)
         return True
 
     def release(self):
         fcntl.flock(self._journal, fcntl.LOCK_UN)
+
+
+def _last_line_start(f, size, chunk=1 << 20):
+    """Where the unfinished last line of the open file `f` of `size` bytes starts; `size` if
+    it ends in a newline. Read back a megabyte at a time, however long the line is."""
+    end = size
+    while end > 0:
+        f.seek(max(0, end - chunk))
+        block = f.read(end - max(0, end - chunk))
+        if end == size and block.endswith(b"\n"):
+            return size
+        if b"\n" in block:
+            return end - len(block) + block.rindex(b"\n") + 1
+        end -= len(block)
+    return 0
 
 
 class PostgresStore:

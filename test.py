@@ -6,6 +6,7 @@
 The checkpoint carries everything needed: architecture, activation, normalisation
 and class names.
 """
+import contextlib
 import os
 import sys
 import warnings
@@ -16,6 +17,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 import checkpoint
 import cli
 import files
+import limits
 import utils
 from inference import predict_proba
 
@@ -24,12 +26,8 @@ METRICS_JSON = "test_metrics.json"
 
 # Raster formats only: Pillow would hand EPS and PS files to Ghostscript.
 FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")
-MAX_PIXELS = 50_000_000  # a 48-megapixel photo fits
-WORKING_SIDE = 128  # a bigger picture is shrunk to about this short side before conversion
-# The modes a big picture is shrunk in (box averages), keyed by its own mode: alpha is
-# premultiplied so that transparent pixels lend no colour; I;16 cannot be shrunk, I can.
-REDUCED_AS = {**{mode: mode for mode in ("L", "LA", "RGB", "RGBX", "CMYK", "YCbCr", "I", "F")},
-              "RGBA": "RGBa", **dict.fromkeys(("I;16", "I;16L", "I;16B", "I;16N"), "I")}
+WORKING_SIDE = 128  # a bigger picture is shrunk to about this short side, in bands
+BAND_PIXELS = 1 << 20  # converted at a time while shrinking
 
 
 def load_image(path):
@@ -39,39 +37,87 @@ def load_image(path):
     squashed; transparent areas become white. Only regular files in FORMATS are read.
     """
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _quiet_stderr():
             # Past PIL's pixel limit an image is refused, not decoded after a warning.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = _open_image(path)
     except UnidentifiedImageError:
         raise cli.Error(f"cannot read image {cli.shown(path)}: not a picture in one of the "
                         f"formats {', '.join(FORMATS)}") from None
-    except (OSError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as exc:
-        # Truncated files are OSErrors too.
+    except Exception as exc:  # a decoder's failure on a damaged or crafted file, of any kind
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-        raise cli.Error(f"cannot read image {cli.shown(path)}: {cli.shown(reason)}") from None
+        kind = "" if isinstance(exc, (OSError, ValueError)) else f"{type(exc).__name__}: "
+        raise cli.Error(f"cannot read image {cli.shown(path)}: {kind}{cli.shown(reason)}") \
+            from None
     return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).reshape(-1)
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Keep what C libraries print while decoding (libtiff's warnings) off stderr: the error
+    line, if any, says what matters."""
+    with contextlib.suppress(AttributeError, OSError):  # no stderr at all: nothing to keep
+        sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
 
 
 def _open_image(path):
     """The picture at `path` as a 32x32 RGB image (see `load_image`).
 
-    A big picture is shrunk to about WORKING_SIDE pixels (JPEG while it is decoded) before
-    any conversion, so memory stays near one decoded copy of at most MAX_PIXELS pixels.
+    A big picture is shrunk to about WORKING_SIDE pixels (JPEG while it is decoded), a band
+    of rows at a time, so memory stays near one decoded copy of at most limits.IMAGE_PIXELS
+    pixels, whatever its mode.
     """
     with files.open_regular(path) as f, Image.open(f, formats=FORMATS) as img:
-        if img.width * img.height > MAX_PIXELS:
-            raise ValueError(f"{img.width}x{img.height} pixels, more than the {MAX_PIXELS} "
-                             f"this reads")
+        check_size(img)
         img.draft(img.mode, (WORKING_SIDE, WORKING_SIDE))  # JPEG: decode at 1/2 to 1/8
-        ImageOps.exif_transpose(img, in_place=True)  # phone photos store their rotation in EXIF
-        factor = min(img.size) // WORKING_SIDE
-        if factor >= 2 and img.mode in REDUCED_AS:  # not P or 1: their values are not levels
-            if REDUCED_AS[img.mode] != img.mode:
-                img = img.convert(REDUCED_AS[img.mode])
-            img = img.reduce(factor)
-        return ImageOps.fit(to_rgb(img), utils.IMAGE_SHAPE[1:], Image.Resampling.LANCZOS)
+        exif = img.getexif().tobytes()
+        small = shrink(img, min(img.size) // WORKING_SIDE)
+    small.info["exif"] = exif
+    ImageOps.exif_transpose(small, in_place=True)  # phone photos store their rotation in EXIF
+    return ImageOps.fit(small, utils.IMAGE_SHAPE[1:], Image.Resampling.LANCZOS)
+
+
+def check_size(img):
+    """Refuse, before it is decoded, a picture of more than limits.IMAGE_PIXELS pixels or whose
+    tiles (what a decoder allocates at once) are larger than the picture and TILE_SIDE."""
+    if img.width * img.height > limits.IMAGE_PIXELS:
+        raise ValueError(f"{img.width}x{img.height} pixels, more than the "
+                         f"{limits.IMAGE_PIXELS} this reads")
+    tags = getattr(img, "tag_v2", {})  # a TIFF's tile width and length
+    tiles = [(tags.get(322, 0), tags.get(323, 0))] + [
+        (x1 - x0, y1 - y0) for _, (x0, y0, x1, y1), *_ in img.tile]
+    for width, height in tiles:
+        if not (width <= max(img.width, limits.TILE_SIDE)
+                and height <= max(img.height, limits.TILE_SIDE)):
+            raise ValueError(f"tiles of {width}x{height} pixels in a picture of "
+                             f"{img.width}x{img.height}")
+
+
+def shrink(img, factor):
+    """`img` as 8-bit RGB (see `to_rgb`), `factor` times smaller (box averages) if `factor` is
+    2 or more: converted a band of rows at a time, so that no full-size copy is made."""
+    if factor < 2:
+        return to_rgb(img)
+    width, height = img.width // factor, img.height // factor
+    rows = factor * max(1, BAND_PIXELS // (img.width * factor))
+    small = Image.new("RGB", (width, height))
+    for top in range(0, height * factor, rows):
+        band = img.crop((0, top, width * factor, min(top + rows, height * factor)))
+        small.paste(to_rgb(band).reduce(factor), (0, top // factor))
+    return small
 
 
 def to_rgb(img):
@@ -84,7 +130,8 @@ def to_rgb(img):
     """
     if img.mode == "F" or img.mode.startswith("I"):
         grey = np.array(img, dtype=np.float32)  # a copy, then scaled in place
-        grey *= np.float32(255 if img.mode == "F" else 1 / 257)
+        with np.errstate(all="ignore"):  # values past float32 become inf, then 255
+            grey *= np.float32(255 if img.mode == "F" else 1 / 257)
         np.clip(np.nan_to_num(np.rint(grey, out=grey), copy=False), 0, 255, out=grey)
         return Image.fromarray(grey.astype(np.uint8), "L").convert("RGB")
     if img.mode in ("RGBA", "LA", "PA", "RGBa") or "transparency" in img.info:
@@ -167,10 +214,10 @@ def main(argv=None):
     print(format_table(metrics))
 
     paths = [os.path.join(args.out_dir, name) for name in
-             (utils.CONFUSION_PNG, utils.MISCLASSIFIED_PNG, METRICS_JSON)]
-    utils.plot_confusion(metrics["confusion"], meta["class_names"], paths[0])
-    utils.plot_misclassified(images, labels, predictions, meta["class_names"], paths[1])
-    files.write_json(paths[2], metrics)
+             (METRICS_JSON, utils.CONFUSION_PNG, utils.MISCLASSIFIED_PNG)]
+    files.write_json(paths[0], metrics)  # first: the figures cannot lose it
+    utils.plot_confusion(metrics["confusion"], meta["class_names"], paths[1])
+    utils.plot_misclassified(images, labels, predictions, meta["class_names"], paths[2])
     print("wrote " + ", ".join(map(cli.shown, paths)))
     return 0
 

@@ -9,8 +9,10 @@
 After every epoch the whole run (weights, velocities, random state, history, best so far)
 is saved to <save-dir>/resume_state.npz, so `--resume` continues it exactly where it was.
 """
+import contextlib
 import math
 import os
+import resource
 import shlex
 import sys
 import time
@@ -93,21 +95,81 @@ def train_epoch(net, optimizer, images, labels, prep, config, epoch, rng, progre
     return float(loss_sum / steps), float(correct / (steps * batch_size)), lr, flops
 
 
-def check_memory(config):
+def network_arrays(config):
+    """The arrays a checkpoint of `config`'s network holds, as {name: (shape, dtype)}."""
+    sizes = [config["whiten"] or data_loader.PIXELS, *config["hidden_size"],
+             data_loader.N_CLASSES]
+    arrays = {}
+    for i, (fan_in, fan_out) in enumerate(zip(sizes, sizes[1:]), start=1):
+        arrays[f"w{i}"], arrays[f"b{i}"] = ((fan_in, fan_out), config["dtype"]), \
+            ((fan_out,), config["dtype"])
+    if config["whiten"]:
+        arrays["whitening"] = (data_loader.PIXELS, config["whiten"]), np.float32
+    return arrays
+
+
+def check_network(config):
     """Refuse, before any data is read, a network whose weights, velocities and gradients
-    alone would not fit in this machine's memory."""
+    alone would not fit in the memory this process may take, or whose checkpoint its own
+    loader would refuse (limits.py)."""
     h1, h2 = config["hidden_size"]
-    inputs = config["whiten"] or data_loader.PIXELS
-    weights = inputs * h1 + h1 * h2 + h2 * data_loader.N_CLASSES
-    need = 3 * weights * np.dtype(config["dtype"]).itemsize
-    try:
-        have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):  # not a POSIX system that tells
-        return
-    if need > have:
+    arrays = network_arrays(config)
+    weights = sum(math.prod(shape) for name, (shape, _) in arrays.items() if name != "whitening")
+    need, have = 3 * weights * np.dtype(config["dtype"]).itemsize, memory_available()
+    if have is not None and need > have:
         raise cli.UsageError(f"--hidden-size {h1} {h2} needs {need / 2**30:,.0f} GiB for its "
-                             f"weights, velocities and gradients; this machine has "
-                             f"{have / 2**30:,.0f} GiB")
+                             f"weights, velocities and gradients; this process may take "
+                             f"{have / 2**30:,.1f} GiB")
+    refused = checkpoint.too_large(arrays)
+    if refused:
+        raise cli.UsageError(f"--hidden-size {h1} {h2} with --dtype {config['dtype']} and "
+                             f"--whiten {config['whiten']}: its checkpoint would not load "
+                             f"({refused})")
+
+
+CGROUP_ROOT, PROC_CGROUP = "/sys/fs/cgroup", "/proc/self/cgroup"
+
+
+def memory_available():
+    """The bytes this process may still take (None if unknown): the machine's memory, or less
+    under an address-space limit (ulimit -v, less what is mapped now) or a cgroup's."""
+    found = []
+    with contextlib.suppress(AttributeError, ValueError, OSError):  # not a POSIX that tells
+        found.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if soft != resource.RLIM_INFINITY:
+        found.append(soft - _status_kib("VmSize") * 1024)
+    return min(found + _cgroup_limits(), default=None)
+
+
+def _status_kib(field):
+    """A field of /proc/self/status in KiB (0 where there is no /proc)."""
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        with open("/proc/self/status") as status:
+            return int(next(line for line in status if line.startswith(field + ":")).split()[1])
+    return 0
+
+
+def _cgroup_limits():
+    """The memory limits of this process's cgroup and its parents (v2 memory.max, v1
+    memory.limit_in_bytes); where the cgroup's own folder is not mounted, the mount's root."""
+    found = []
+    with contextlib.suppress(OSError):
+        with open(PROC_CGROUP) as f:
+            lines = [line.rstrip("\n").split(":", 2) for line in f]
+        for _, controllers, path in (line for line in lines if len(line) == 3):
+            if controllers == "":
+                root, name = CGROUP_ROOT, "memory.max"
+            elif "memory" in controllers.split(","):
+                root, name = os.path.join(CGROUP_ROOT, "memory"), "memory.limit_in_bytes"
+            else:
+                continue
+            parts = path.strip("/").split("/") if path.strip("/") else []
+            for depth in range(len(parts) + 1):
+                with contextlib.suppress(OSError, ValueError):
+                    with open(os.path.join(root, *parts[:depth], name)) as limit:
+                        found.append(int(limit.read().strip()))  # "max" is no limit
+    return found
 
 
 def check_fits(config, n_images):
@@ -136,7 +198,7 @@ def train(config, data=None, on_epoch=None, progress=True, evaluate_test=False, 
     """
     cfg.check(config)
     model.get_activation(config["activation"])
-    check_memory(config)
+    check_network(config)
     verbose = progress if verbose is None else verbose
     say = (tqdm.write if progress else print) if verbose else (lambda message: None)
     loaded = data is None
@@ -226,6 +288,7 @@ def _train(config, data, on_epoch, progress, evaluate_test, say, resume):
 
     test_acc = test_acc_single = None
     if evaluate_test and run["best_epoch"]:
+        files.check_folder(config["save_dir"])  # its own best.npy, not another run's
         best, meta = checkpoint.load_checkpoint(path[BEST_FILE])
         test_acc = evaluate(best, test_images, test_labels, meta["prep"], meta_views(meta))[1]
         if len(meta_views(meta)) > 1:  # reported with and without the averaging

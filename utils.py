@@ -11,6 +11,7 @@ import math
 import os
 import re
 import textwrap
+import warnings
 
 import numpy as np
 from matplotlib.colors import Normalize
@@ -21,6 +22,7 @@ import checkpoint
 import cli
 import data_loader
 import files
+import limits
 from inference import predict_proba
 
 from data_loader import IMAGE_SHAPE, PIXELS
@@ -64,9 +66,17 @@ def class_metrics(counts):
 
 
 def save_figure(fig, path, dpi=100):
-    """Write `fig` to `path` as a PNG, atomically."""
-    with files.atomic_write(path) as f:
+    """Write `fig` to `path` as a PNG, atomically; warnings (a glyph missing from the font)
+    are not printed."""
+    with files.atomic_write(path) as f, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")
+
+
+def label(text):
+    """Text from a file (a class name) as a figure shows it: literally, never as $math$, and
+    escaped as for the terminal, where matplotlib's errors would quote it."""
+    return cli.shown(text).replace("$", r"\$")
 
 
 def count_axis(ax, values):
@@ -169,8 +179,9 @@ def plot_confusion(counts, class_names, path):
     image = ax.imshow(counts, cmap="Blues")
     fig.colorbar(image, ax=ax, shrink=0.8, label="images")
     ax.set(xticks=range(c), yticks=range(c), xlabel="predicted class", ylabel="true class")
-    ax.set_xticklabels(class_names, rotation=45, ha="right", rotation_mode="anchor")
-    ax.set_yticklabels(class_names)
+    names = [label(name) for name in class_names]
+    ax.set_xticklabels(names, rotation=45, ha="right", rotation_mode="anchor")
+    ax.set_yticklabels(names)
     n = counts.sum()
     ax.set_title(f"Confusion matrix: {np.trace(counts)} of {n} correct "
                  f"(accuracy {np.trace(counts) / max(n, 1):.4f})")
@@ -195,8 +206,8 @@ def plot_misclassified(images, labels, predictions, class_names, path, n=32):
             i = wrong[k]
             ax.imshow(np.asarray(images[i]).reshape(IMAGE_SHAPE).transpose(1, 2, 0),
                       interpolation="nearest")
-            ax.set_title(f"true: {class_names[labels[i]]}\npred: {class_names[predictions[i]]}",
-                         fontsize=9, linespacing=1.3)
+            ax.set_title(f"true: {label(class_names[labels[i]])}\n"
+                         f"pred: {label(class_names[predictions[i]])}", fontsize=9, linespacing=1.3)
     if not len(wrong):
         fig.text(0.5, 0.5, "no misclassified images", ha="center", va="center")
     save_figure(fig, path)
@@ -313,24 +324,22 @@ def plot_slices(trials, keys, space, path):
 # --- command line -----------------------------------------------------------------------------
 
 
-MAX_HISTORY_BYTES = 64 << 20
-
-
 def _is_record(record):
     """Whether `record` is an epoch record that plot_history can draw."""
     return (isinstance(record, dict) and type(record.get("epoch")) is int
             and 0 < record["epoch"] <= 10**6
-            and all(record.get(key) is None or type(record[key]) in (int, float)
+            and all(record.get(key) is None or checkpoint.finite(record[key])
                     for key in ("train_loss", "val_loss", "train_acc", "val_acc", "lr")))
 
 
 def load_history(path):
     """The epoch records (a list of dicts) of a history.json written by train.py."""
     try:
-        with files.open_regular(path, MAX_HISTORY_BYTES) as f:
+        with files.open_regular(path, limits.HISTORY_BYTES) as f:
             records = json.load(f)["epochs"]
         if not (isinstance(records, list) and all(map(_is_record, records))):
-            raise ValueError("'epochs' is not a list of records of numbers, numbered from 1")
+            raise ValueError("'epochs' is not a list of records of finite numbers, numbered "
+                             "from 1")
         return records
     except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc

@@ -4,9 +4,12 @@ Other test modules may `from conftest import make_cifar_dir, make_archive`.
 """
 import importlib.util
 import io
+import json
 import os
 import pickle
 import signal
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -28,6 +31,44 @@ def load_script(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def run_child(code, *args, timeout=60, **kwargs):
+    """Run Python `code` in a child process at the project root: the CompletedProcess."""
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, text=True,
+                          capture_output=True, timeout=timeout, **kwargs)
+
+
+# A child that calls one loader and prints {"error": message or null, "maxrss_mb": peak}.
+MEASURED = """
+import json, sys
+sys.path.insert(0, "tests")
+import checkpoint, cifar10, cli, data_loader, model
+from conftest import load_script
+call = {call}
+try:
+    call(*sys.argv[1:])
+    error = None
+except cli.Error as exc:
+    error = str(exc)
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent through exec.
+with open("/proc/self/status") as status:
+    peak_kb = int(next(line for line in status if line.startswith("VmHWM:")).split()[1])
+print(json.dumps({{"error": error, "maxrss_mb": peak_kb / 1024}}))
+"""
+
+
+def measured(call, *args, fsize=None):
+    """Run `call` (source text of a callable) on `args` in a child; its report as a dict.
+
+    With `fsize`, no file the child writes may exceed that many bytes (SIGXFSZ kills it)."""
+    def limit():
+        import resource
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+
+    result = run_child(MEASURED.format(call=call), *args, preexec_fn=limit if fsize else None)
+    assert result.returncode == 0, (result.returncode, result.stderr)
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 FOLDER = "cifar-10-batches-py"
@@ -104,7 +145,7 @@ def make_archive(path, source_root, extra=()):
 def implementation(request, monkeypatch):
     """Run the test with the NumPy references, then with the fused kernels (kernels.py)."""
     import kernels
-    if request.param == "numba" and kernels.numba is None:
+    if request.param == "numba" and not kernels.AVAILABLE:
         pytest.skip("Numba is not installed")
     monkeypatch.setattr(kernels, "ENABLED", request.param == "numba")
     return request.param

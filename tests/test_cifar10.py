@@ -192,11 +192,13 @@ def test_an_existing_folder_is_used_without_network(tmp_path):
     assert_same(data_loader.load_data(tmp_path / "data", url=dead_url()), expected)
 
 
-def test_download_extract_and_load(tmp_path, server, archive):
+def test_download_extract_and_load(tmp_path, server, archive, monkeypatch):
+    """The default folder, data, is created for the download, as on a fresh clone."""
     body, md5, expected = archive()
+    monkeypatch.chdir(tmp_path)
     data_dir = tmp_path / "data"
     url = server("/cifar.tar.gz", body)
-    assert_same(data_loader.load_data(data_dir, url=url, md5=md5, progress=True), expected)
+    assert_same(data_loader.load_data("data", url=url, md5=md5, progress=True), expected)
     assert sorted(os.listdir(data_dir)) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
     assert_same(data_loader.load_data(data_dir, url=dead_url()), expected)  # no second download
 
@@ -205,7 +207,7 @@ def test_mirror_and_checksum_from_the_environment(tmp_path, server, archive, mon
     body, md5, expected = archive()
     monkeypatch.setenv("CIFAR10_URL", server("/mirror.tar.gz", body))
     monkeypatch.setenv("CIFAR10_MD5", md5.upper())
-    assert_same(data_loader.load_data(tmp_path / "data", progress=False), expected)
+    assert_same(data_loader.load_data(tmp_path, progress=False), expected)
 
 
 def test_the_official_checksum_is_the_default(tmp_path, server, archive):
@@ -217,6 +219,7 @@ def test_the_official_checksum_is_the_default(tmp_path, server, archive):
 def test_a_wrong_checksum_leaves_nothing_behind(tmp_path, server, archive):
     body, md5, _ = archive()
     data_dir = tmp_path / "data"
+    data_dir.mkdir()
     with pytest.raises(DataError, match="MD5 .* expected 0{32}.*discarded"):
         data_loader.load_data(data_dir, url=server("/x.tar.gz", body), md5="0" * 32,
                               progress=False)
@@ -227,6 +230,7 @@ def test_a_dropped_connection_leaves_nothing_and_the_next_run_recovers(tmp_path,
                                                                       archive):
     body, md5, expected = archive()
     data_dir, url = tmp_path / "data", server("/x.tar.gz", body, mode="drop")
+    data_dir.mkdir()
     with pytest.raises(DataError, match=f"stopped after {len(body) // 2} of {len(body)} bytes"):
         data_loader.load_data(data_dir, url=url, md5=md5, progress=False)
     assert os.listdir(data_dir) == []
@@ -238,6 +242,7 @@ def test_a_stalled_server_times_out(tmp_path, server, archive, monkeypatch):
     body, md5, _ = archive()
     monkeypatch.setattr(cifar10, "TIMEOUT", 0.3)
     data_dir = tmp_path / "data"
+    data_dir.mkdir()
     with pytest.raises(DataError, match="cannot download .*timed out"):
         data_loader.load_data(data_dir, url=server("/x.tar.gz", body, mode="stall"), md5=md5,
                               progress=False)
@@ -252,13 +257,35 @@ def test_http_errors_are_reported(tmp_path, server):
 
 
 def test_without_network_the_error_says_where_to_put_the_archive(tmp_path):
+    """Issue 23, item 3: both layouts are named, and an empty folder stays empty."""
     data_dir = tmp_path / "data"
+    data_dir.mkdir()
     with pytest.raises(DataError) as info:
         data_loader.load_data(data_dir, url=dead_url(), progress=False)
     message = str(info.value)
-    assert str(data_dir / "cifar-10-python.tar.gz") in message and cifar10.URL in message
+    assert f"no CIFAR-10 in {data_dir}" in message and cifar10.URL in message
+    assert str(data_dir / "cifar-10-python.tar.gz") in message
+    assert str(data_dir / "cifar-10-batches-py") + "/" in message
     assert "\n" not in message
     assert os.listdir(data_dir) == []
+
+
+def test_a_missing_data_dir_is_named_and_nothing_is_created(tmp_path, server, archive):
+    """Issue 23, item 3: a misspelled --data-dir is not created, nor downloaded into."""
+    body, md5, _ = archive()
+    data_dir = tmp_path / "datta"
+    with pytest.raises(DataError, match=f"no CIFAR-10 at {data_dir}: it does not exist "
+                                        r"\(looked for the folder .*cifar-10-batches-py/ and "
+                                        r"the archive .*cifar-10-python.tar.gz\)"):
+        data_loader.load_data(data_dir, url=server("/x.tar.gz", body), md5=md5, progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["built.tar.gz", "source"]
+
+
+def test_a_failed_download_into_the_default_folder_leaves_no_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="no CIFAR-10 in data .*cannot download"):
+        data_loader.load_data("data", url=dead_url(), progress=False)
+    assert os.listdir(tmp_path) == []
 
 
 def test_leftovers_of_a_killed_run_are_never_taken_for_data(tmp_path, archive):
@@ -323,6 +350,7 @@ def test_hostile_archive_members_are_refused(tmp_path, server, archive, members,
         info.linkname = info.linkname.replace("ABSOLUTE", str(outside))
     body, md5, _ = archive(members)
     data_dir = tmp_path / "deep" / "data"  # so that ../../evil stays inside tmp_path
+    data_dir.mkdir(parents=True)
     with pytest.raises(DataError, match=f"refused .*{message.replace('ABSOLUTE', '')}"):
         data_loader.load_data(data_dir, url=server("/x.tar.gz", body), md5=md5, progress=False)
     assert os.listdir(data_dir) == ["cifar-10-python.tar.gz"]  # no folder, no temporary one

@@ -4,6 +4,7 @@ Each test builds its attack synthetically. Bombs run in a child process that rep
 peak memory (ru_maxrss) and, for disk, runs under RLIMIT_FSIZE, so a regression shows as a
 number over its bound or a child killed by SIGXFSZ, never as a full machine.
 """
+import codecs
 import hashlib
 import http.server
 import io
@@ -28,10 +29,12 @@ from PIL import Image
 import checkpoint
 import cifar10
 import cli
+import conftest
 import data_loader
+import limits
 import model
 import utils
-from conftest import load_script, make_cifar_dir
+from conftest import load_script, make_cifar_dir, measured, run_child
 
 try:
     from numpy._core.multiarray import _reconstruct
@@ -48,47 +51,9 @@ evaluate = load_script("test")
 # --- helpers ----------------------------------------------------------------------------------
 
 
-def run_child(code, *args, timeout=60, **kwargs):
-    """Run Python `code` in a child process at the project root: the CompletedProcess."""
-    return subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, text=True,
-                          capture_output=True, timeout=timeout, **kwargs)
-
-
 def run_script(script, *args, timeout=60):
     return subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, text=True,
                           capture_output=True, timeout=timeout)
-
-
-# A child that calls one loader and prints {"error": message or null, "maxrss_mb": peak}.
-MEASURED = """
-import json, sys
-sys.path.insert(0, "tests")
-import checkpoint, cifar10, cli, data_loader, model
-from conftest import load_script
-call = {call}
-try:
-    call(*sys.argv[1:])
-    error = None
-except cli.Error as exc:
-    error = str(exc)
-# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent through exec.
-with open("/proc/self/status") as status:
-    peak_kb = int(next(line for line in status if line.startswith("VmHWM:")).split()[1])
-print(json.dumps({{"error": error, "maxrss_mb": peak_kb / 1024}}))
-"""
-
-
-def measured(call, *args, fsize=None):
-    """Run `call` (source text of a callable) on `args` in a child; its report as a dict.
-
-    With `fsize`, no file the child writes may exceed that many bytes (SIGXFSZ kills it)."""
-    def limit():
-        import resource
-        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-
-    result = run_child(MEASURED.format(call=call), *args, preexec_fn=limit if fsize else None)
-    assert result.returncode == 0, (result.returncode, result.stderr)
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def assert_one_error_line(result, *words):
@@ -283,6 +248,19 @@ def test_duplicate_members_and_huge_meta_are_refused(tmp_path, ckpt):
         checkpoint.load_checkpoint(ckpt)
 
 
+@pytest.mark.parametrize("chars", [limits.META_CHARS, 1 << 22])
+def test_the_largest_meta_of_the_worst_json_stays_within_the_bound(tmp_path, ckpt, chars):
+    """Past the list: `meta` may hold a history of 10,000 epochs; a 35 KB checkpoint whose meta
+    was 4 Mi characters of [{}, {}, ...] (JSON's worst, 21 times its size) took 172 MB."""
+    head = '{"activation": "relu", "class_names": %s, "x": [' % json.dumps(
+        data_loader.CLASS_NAMES)
+    meta = head + "{}," * ((chars - len(head) - 4) // 3) + "{}]}"
+    write_zip(ckpt, {**checkpoint_members(ckpt), "meta.npy": npy_bytes(np.array(meta))})
+    report = measured("checkpoint.load_checkpoint", ckpt)
+    assert (report["error"] is None) == (chars <= limits.META_CHARS), report
+    assert report["maxrss_mb"] < 150, report
+
+
 def test_a_zip_directory_of_many_entries_is_refused_before_it_is_parsed(tmp_path):
     """Past the list: zipfile holds ~600 bytes per directory entry; 300,000 empty entries
     (26 MB) took 196 MB before this check."""
@@ -362,20 +340,21 @@ def member(name, size=None, content=b"", **pax):
     return info, content
 
 
+OVER_MEMBER = limits.ARCHIVE_MEMBER_BYTES + MB
 LOAD = "lambda folder, md5: data_loader.load_data(folder, url='http://127.0.0.1:9/', md5=md5)"
 
 
 @pytest.mark.parametrize("extra, message", [
-    (lambda: [member("cifar-10-batches-py/data_batch_1", content=bytes(100 * MB))], "more than"),
-    (lambda: [member("cifar-10-batches-py/unlisted", content=bytes(100 * MB))], "more than"),
+    (lambda: [member("cifar-10-batches-py/data_batch_1", content=bytes(OVER_MEMBER))], "more than"),
+    (lambda: [member("cifar-10-batches-py/unlisted", content=bytes(OVER_MEMBER))], "more than"),
     (lambda: [member("cifar-10-batches-py/readme.html", content=b"x", comment="c" * (60 * MB))],
      "extended header"),
-], ids=["batch of 100 MB", "unlisted member of 100 MB", "pax header of 60 MB"])
+], ids=["batch past the cap", "unlisted member past the cap", "pax header of 60 MB"])
 def test_tar_bombs_write_and_hold_little(tmp_path, extra, message):
     """Item 4: a 3 MB archive with a 3 GiB member wrote 3 GB before the fix; a pax header of
     60 MB (past the list) took 3 times that in memory."""
     data_dir, md5 = hostile_archive(tmp_path, extra())
-    report = measured(LOAD, data_dir, md5, fsize=cifar10.MAX_MEMBER_BYTES + MB)
+    report = measured(LOAD, data_dir, md5, fsize=limits.ARCHIVE_MEMBER_BYTES + MB)
     assert message in report["error"] and report["maxrss_mb"] < 150, report
     assert os.listdir(data_dir) == [cifar10.ARCHIVE]
 
@@ -426,7 +405,7 @@ def endless():
 
 
 def test_an_endless_download_is_cut_at_the_cap(tmp_path, endless, monkeypatch):
-    monkeypatch.setattr(cifar10, "MAX_DOWNLOAD_BYTES", 8 * MB)
+    monkeypatch.setattr(limits, "DOWNLOAD_BYTES", 8 * MB)
     for path in ("/zeros", "/huge"):
         with pytest.raises(data_loader.DataError, match="larger than"):
             data_loader.load_data(tmp_path, url=endless + path, progress=False)
@@ -437,7 +416,7 @@ def test_file_urls_must_name_regular_files(tmp_path):
     os.mkfifo(tmp_path / "fifo")
     for url in ("file:///dev/zero", f"file://{tmp_path}/fifo"):
         result = run_child("import data_loader, sys; data_loader.load_data(sys.argv[1], "
-                           "url=sys.argv[2], progress=False)", tmp_path / "data", url, timeout=20)
+                           "url=sys.argv[2], progress=False)", tmp_path, url, timeout=20)
         assert "not a regular file" in result.stderr, result.stderr
 
 
@@ -571,14 +550,15 @@ def test_other_formats_are_refused_before_decoding(tmp_path, content):
         evaluate.load_image(path)
 
 
+def png_chunk(kind, data):
+    return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+
 def png_header(width, height):
     """The first bytes of a PNG of that size: enough for a reader to learn its dimensions."""
-    def chunk(kind, data):
-        return (len(data).to_bytes(4, "big") + kind + data
-                + zlib.crc32(kind + data).to_bytes(4, "big"))
     ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) \
-        + chunk(b"IEND", b"")
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr)
+            + png_chunk(b"IDAT", zlib.compress(b"")) + png_chunk(b"IEND", b""))
 
 
 def test_huge_dimensions_in_a_header_are_refused(tmp_path):
@@ -636,6 +616,8 @@ def test_a_fifo_as_history_is_refused(tmp_path, ckpt):
     '{"epochs": [[]]}',
     '{"epochs": ' + "[" * 100_000 + "]" * 100_000 + "}",
     b'{"epochs": "\xff"}',
+    '{"epochs": [{"epoch": 1, "val_acc": Infinity}]}',  # past the list: arange failed
+    '{"epochs": [{"epoch": 1, "train_loss": 1' + "0" * 400 + '}]}',  # and OverflowError
 ])
 def test_a_hostile_history_is_one_clear_error(tmp_path, content):
     path = tmp_path / "history.json"
@@ -699,3 +681,249 @@ def test_an_unreadable_data_folder_is_a_clear_error(tmp_path):
             os.chmod(unreadable, 0o755)
         assert_one_error_line(result, "data folder", "ermission denied")
         assert "PermissionError" not in result.stderr
+
+
+# --- issue 24: one memory budget for the batch unpickler --------------------------------------
+
+
+def shared_list_labels(k=7000):
+    """Item 1: labels that are k references to one list of k zeros (k² values, 31 KB)."""
+    return pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": [[0] * k] * k},
+                        protocol=2)
+
+
+def arrays_over_one_buffer(n=40):
+    """Item 1: n arrays built from one memoised 30 MB bytes object (each was a copy)."""
+    data = bytes(10_000 * 3072)
+    arrays = [crafted_array(("u1", False, True), (3, "|", None, None, None, -1, -1, 0),
+                            (10_000, 3072), data) for _ in range(n)]
+    return pickle.dumps({b"data": arrays[0], b"others": arrays}, protocol=3)
+
+
+def one_text_encoded_often(n=40):
+    """Item 1: one memoised 10 MB text that _codecs.encode turns into bytes n times."""
+    text = "\xff" * (10 << 20)
+    return pickle.dumps([Reduced(codecs.encode, (text, "latin1")) for _ in range(n)], protocol=2)
+
+
+def dtype_state_graph(k=9000):
+    """Past the list: a dtype state whose repr, once put in the error message, was k² long."""
+    return pickle.dumps(Reduced(np.dtype, ("u1", False, True), [[0] * k] * k), protocol=2)
+
+
+BATCH_BOMBS = {
+    "labels: k references to one list": shared_list_labels,
+    "arrays over one buffer": arrays_over_one_buffer,
+    "one text encoded often": one_text_encoded_often,
+    "a dtype state with a huge repr": dtype_state_graph,
+    "empty sets": lambda: b"\x80\x04" + b"\x8f" * (8 << 20) + b".",  # was 1.9 GB for 8 MB
+    "a memo index of 2**26": lambda: b"\x80\x02]r\xff\xff\xff\x03.",  # a memo of 1 GB
+    # 38 MB of escapes of an emoji: CPython's decoder held 38 M characters of 4 bytes
+    "a text of wide escapes": lambda: b"V" + b"\\U0001f600" * 3_800_000 + b"\n.",
+}
+
+
+@pytest.mark.parametrize("bomb", BATCH_BOMBS)
+def test_batch_bombs_stay_within_the_unpicklers_budget(tmp_path, bomb):
+    """Item 1: whatever a batch file says, reading it takes at most twice its size plus
+    limits.UNPICKLED_BYTES (and the interpreter's 64 MB); most bombs are refused before
+    anything is built, and take less than 150 MB."""
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(BATCH_BOMBS[bomb]())
+    bound = 64 + (2 * path.stat().st_size + limits.UNPICKLED_BYTES) / MB
+    if bomb != "one text encoded often":  # the one that builds up to the budget
+        bound = 150
+    report = measured("cifar10.read_batch", path)
+    assert "data_batch_1" in report["error"] and report["maxrss_mb"] < bound, report
+
+
+def test_dict_keys_that_share_a_hash_are_refused_at_once(tmp_path):
+    """Past the list: 100,000 ints that all hash alike, as one dict's keys (1.2 MB, well
+    within the budget), took minutes to insert, each slower than the last."""
+    def long1(value):
+        data = value.to_bytes(value.bit_length() // 8 + 1, "little", signed=True)
+        return b"\x8a" + bytes([len(data)]) + data
+
+    keys = (long1(k * ((1 << 61) - 1)) + b"N" for k in range(1, 100_001))
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(b"\x80\x02}(" + b"".join(keys) + b"u.")
+    result = run_child("import cli, cifar10, sys; cli.run(lambda argv: "
+                       "cifar10.read_batch(argv[0]))", path, timeout=20)
+    assert_one_error_line(result, "more than the 1024 dict and set entries")
+
+
+def test_a_full_batch_repickled_with_protocol_2_is_read_within_the_bound(tmp_path):
+    """Issue 23, item 3: NumPy 2 with protocol 2 writes a test batch of 44.7 MB, which the
+    40 MB cap refused. The cap follows 10,000 images in any protocol (limits.py)."""
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (10_000, 3072), np.uint8), np.arange(10_000) % 10
+    path = tmp_path / "test_batch"
+    path.write_bytes(conftest.batch_bytes(images, labels, protocol=2, legacy=False))
+    assert path.stat().st_size > 44 * MB
+    report = measured("cifar10.read_batch", path)
+    bound = 64 + (2 * path.stat().st_size + limits.UNPICKLED_BYTES) / MB
+    assert report["error"] is None and report["maxrss_mb"] < bound, report
+
+
+@pytest.mark.parametrize("protocol", range(6))
+def test_the_batch_limits_hold_10000_images_in_any_protocol(protocol):
+    """The cap and the budget are derived, not guessed: the worst images (all 0: six-byte
+    escapes in protocol 0; all 255: two UTF-8 bytes in 1 and 2) with NumPy int labels and
+    50-character names fit them, image for image."""
+    n = 100
+    for value in (0, 255):
+        batch = {b"labels": [np.int64(k % 10) for k in range(n)],
+                 b"data": np.full((n, 3072), value, np.uint8),
+                 b"filenames": [b"%050d" % k for k in range(n)]}
+        raw = pickle.dumps(batch, protocol=protocol)
+        per_image = (len(raw) - (64 << 10)) / n
+        assert per_image * limits.IMAGES_PER_BATCH <= limits.BATCH_FILE_BYTES
+        unpickler = cifar10._BatchUnpickler(raw, "batch")
+        unpickler.load()
+        assert unpickler.spent / n * limits.IMAGES_PER_BATCH <= limits.UNPICKLED_BYTES
+
+
+def test_a_huge_bytearray_length_is_one_clear_error(tmp_path):
+    """Item 13: CPython printed `SystemError: ... exported buffers` before the error."""
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(b"\x80\x05\x96" + (1 << 40).to_bytes(8, "little") + b"x" * 100 + b".")
+    result = run_child("import cli, cifar10, sys; cli.run(lambda argv: "
+                       "cifar10.read_batch(argv[0]))", path)
+    assert_one_error_line(result, "data_batch_1", "runs past the end")
+
+
+# --- issue 24: one escape for text from files --------------------------------------------------
+
+MATH_AND_ESCAPES = "$\x1b]0;owned\x07\\foo$"
+
+
+@pytest.mark.parametrize("script", ["test", "utils"])
+def test_class_names_with_math_text_and_escapes_are_drawn_literally(tmp_path, script):
+    """Item 7: such a class name made test.py and utils.py die while plotting, with the raw
+    sequence in the error, and test.py never wrote test_metrics.json."""
+    model_path = save_model(tmp_path / "best.npy",
+                            class_names=[MATH_AND_ESCAPES, "$x$"] + data_loader.CLASS_NAMES[2:])
+    make_cifar_dir(tmp_path / "data")
+    result = run_script(f"{script}.py", "--model", model_path, "--data-dir", tmp_path / "data",
+                        "--out-dir", tmp_path / "out")
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert "\x1b" not in result.stdout and "\x07" not in result.stdout
+    assert (tmp_path / "out" / "confusion_matrix.png").exists()
+    if script == "test":
+        assert json.loads((tmp_path / "out" / "test_metrics.json").read_text())["class_names"][0] \
+            == MATH_AND_ESCAPES
+
+
+def test_unexpected_errors_are_escaped_too(capsys):
+    """Item 7: cli.run's line for an unexpected exception printed its message raw."""
+    def main(argv):
+        raise ValueError(f"bad \x1b[2J{MATH_AND_ESCAPES}")
+
+    with pytest.raises(SystemExit):
+        cli.run(main, [])
+    err = capsys.readouterr().err
+    assert err.startswith("error: ValueError: bad \\x1b[2J") and err[:-1].isprintable(), err
+
+
+def test_a_space_file_value_is_echoed_escaped(tmp_path):
+    """Item 7: a --space-file value was echoed raw in its error line."""
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps({"activation": ["relu\x1b]0;owned\x07"]}))
+    result = run_script("hyperparam_tuning.py", "--space-file", space, "--data-dir", tmp_path)
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].isprintable(), result.stderr
+    assert "\\x1b]0;owned\\x07" in lines[0]
+
+
+# --- issue 24: pictures ------------------------------------------------------------------------
+
+
+def tiled_tiff(side, tile, payload=zlib.compress(b"\x80" * 256)):
+    """A deflate-compressed grey TIFF of side x side pixels in tiles of tile x tile."""
+    entries = sorted([(256, 3, 1, side), (257, 3, 1, side), (258, 3, 1, 8), (259, 3, 1, 8),
+                      (262, 3, 1, 1), (277, 3, 1, 1), (322, 3, 1, tile), (323, 3, 1, tile),
+                      (324, 4, 1, 300), (325, 4, 1, len(payload))])
+    ifd = (len(entries).to_bytes(2, "little") + b"".join(
+        b"".join(v.to_bytes(n, "little") for v, n in zip(e, (2, 2, 4, 4))) for e in entries)
+        + bytes(4))
+    head = b"II*\0" + (8).to_bytes(4, "little") + ifd
+    return head + bytes(300 - len(head)) + payload
+
+
+def test_a_tiff_of_huge_tiles_is_refused_before_decoding(tmp_path):
+    """Item 5: 16x16 pixels in tiles of 26,752² took 2.2 GB (715 MB as grey)."""
+    path = tmp_path / "tiles.tif"
+    path.write_bytes(tiled_tiff(16, 26_752))
+    report = measured("load_script('test').load_image", path)
+    assert "tiles of 26752x26752 pixels" in report["error"] and report["maxrss_mb"] < 150, report
+
+
+@pytest.mark.parametrize("mode", ["P", "RGBA"])
+def test_50_megapixels_of_any_mode_stay_within_the_bound(tmp_path, mode):
+    """Item 12: a palette picture with transparency took 709 MB, RGBA 456 MB, over the
+    documented bound; they are now shrunk a band at a time."""
+    path = tmp_path / "big.png"
+    img = Image.new(mode, (7000, 7000), 3 if mode == "P" else (10, 20, 30, 128))
+    if mode == "P":
+        img.putpalette([0, 0, 0, 200, 100, 50] * 128)
+    img.save(path, compress_level=1, **({"transparency": 1} if mode == "P" else {}))
+    report = measured("load_script('test').load_image", path)
+    assert report["error"] is None and report["maxrss_mb"] < 300, report
+
+
+def test_a_broken_png_chunk_is_one_line_naming_the_file(tmp_path, ckpt):
+    """Item 13: it was `error: SyntaxError: broken PNG file`, with no file named."""
+    path = tmp_path / "broken.png"
+    Image.new("RGB", (40, 40), "red").save(path)
+    raw = path.read_bytes()
+    at = raw.index(b"IDAT") - 4
+    data = raw[at + 8:at + 8 + int.from_bytes(raw[at:at + 4], "big")]
+    chunks = [png_chunk(b"IDAT", data[:10]), png_chunk(b"\xff\xffAT", data[10:])]  # not a type
+    path.write_bytes(raw[:at] + b"".join(chunks) + raw[at + 12 + len(data):])
+    result = run_script("test.py", "--model", ckpt, "--image", path)
+    assert_one_error_line(result, "cannot read image", str(path))
+
+
+@pytest.mark.parametrize("picture", ["libtiff warning", "float overflow"])
+def test_decoders_and_numpy_print_nothing_of_their_own(tmp_path, ckpt, picture):
+    """Item 13: libtiff's warnings and NumPy's RuntimeWarning reached stderr."""
+    path = tmp_path / "picture.tif"
+    if picture == "libtiff warning":  # too little data: libtiff says so on stderr
+        path.write_bytes(tiled_tiff(1024, 1024))
+    else:
+        Image.fromarray(np.full((8, 8), 3e38, np.float32)).save(path)
+    result = run_script("test.py", "--model", ckpt, "--image", path)
+    if picture == "libtiff warning":
+        assert_one_error_line(result, "cannot read image", str(path))
+    else:
+        assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+def test_a_history_takes_little_memory_whatever_it_holds(tmp_path):
+    """Item 12: a 64 MB history.json (the limit then) took 1.8 GB; the limit now holds 10,000
+    epochs as train.py writes them, and the worst JSON of that size (empty objects, 21 times
+    its size) takes under 120 MB more than reading a one-epoch history."""
+    def peak(path, size):
+        path.write_text('{"epochs": [' + "{}," * ((size - 16) // 3) + "{}]}")
+        return measured("load_script('utils').load_history", path)
+
+    small, largest, over = (peak(tmp_path / f"{size}.json", size)
+                            for size in (64, limits.HISTORY_BYTES, 60 << 20))
+    assert "more than the" in over["error"] and over["maxrss_mb"] < small["maxrss_mb"] + 20
+    assert largest["maxrss_mb"] < small["maxrss_mb"] + 120, (small, largest)
+
+
+def test_extreme_weights_draw_without_numpy_warnings(tmp_path):
+    """Past the list: the first layer as seen from the pixels overflowed float32 in utils.py,
+    and NumPy's RuntimeWarning reached stderr."""
+    net = model.ThreeLayerNN(16, (8, 8), 10, "relu", seed=0)
+    net.w1 = net.w1 * np.float32(3e37)
+    prep = data_loader.Preprocessing(np.full(3072, 120, np.float32),
+                                     np.full(3072, 60, np.float32),
+                                     np.full((3072, 16), 3e37, np.float32))
+    checkpoint.save_model(tmp_path / "best.npy", net, prep, {"flip_average": False})
+    make_cifar_dir(tmp_path / "data")
+    result = run_script("utils.py", "--model", tmp_path / "best.npy", "--data-dir",
+                        tmp_path / "data", "--out-dir", tmp_path / "out")
+    assert_one_error_line(result, "not finite")
+    assert (tmp_path / "out" / "weights.png").exists()

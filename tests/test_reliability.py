@@ -227,9 +227,9 @@ def test_kill_9_at_the_critical_points_of_a_write(tmp_path, point):
     def writer(out):
         real = os.fsync if point == "synced" else os.replace
 
-        def stop(*args):
+        def stop(*args, **kwargs):
             if point == "renamed":
-                real(*args)
+                real(*args, **kwargs)
             os.write(out, b"stopped\n")
             time.sleep(60)
 
@@ -245,6 +245,34 @@ def test_kill_9_at_the_critical_points_of_a_write(tmp_path, point):
     if leftovers:  # the complete new version, not yet renamed: hidden, and never loaded
         assert TMP_NAME.match(leftovers[0].name)
         assert assert_is_version(leftovers[0], {1}) == 1
+
+
+def test_a_run_starting_in_a_folder_leaves_a_live_writers_temporary_file(tmp_path, data_dir):
+    """Issue 24, item 10: utils.py writes into a run folder without holding it, and a train.py
+    starting there deleted utils.py's temporary file, which then failed. The sweep now takes
+    only what no live writer holds; a killed writer's leftover still goes."""
+    save_dir = tmp_path / "run"
+    save_dir.mkdir()
+    (save_dir / ".curves.png.deadbeef.tmp").write_bytes(b"left by a killed writer")
+    writer = subprocess.Popen([sys.executable, "-c", """
+import sys, files
+with files.atomic_write(sys.argv[1]) as f:
+    f.write(b"from the other writer")
+    print("writing", flush=True)
+    sys.stdin.readline()
+""", str(save_dir / "curves.png")], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline() == "writing\n"
+        [live] = [p for p in save_dir.iterdir() if p.name != ".curves.png.deadbeef.tmp"]
+        assert train.main([*TINY, "--data-dir", str(data_dir), "--save-dir", str(save_dir),
+                           "--no-progress"]) == 0
+        assert live.exists() and not (save_dir / ".curves.png.deadbeef.tmp").exists()
+        _, err = writer.communicate("\n", timeout=30)
+    finally:
+        writer.kill()
+    assert writer.returncode == 0, err
+    assert (save_dir / "curves.png").read_bytes() == b"from the other writer"
 
 
 def test_kill_9_of_train_py_leaves_loadable_consistent_files(tmp_path, data_dir):
@@ -438,7 +466,7 @@ TRAIN_BAD = [
     (["--val-size", "100"], 2, "--val-size must be between 1 and 99"),
     (["--val-size", "1000"], 2, "--val-size must be between 1 and 99"),
     (["--batch-size", "81"], 2, "--batch-size 81 is larger than the 80 training images"),
-    (["--data-dir", "{tmp}/nowhere"], 1, "cannot download CIFAR-10"),
+    (["--data-dir", "{tmp}/nowhere"], 1, "no CIFAR-10 at"),
     (["--save-dir", "{tmp}/a_file"], 1, "cannot write to the folder"),
 ]
 
@@ -474,7 +502,7 @@ OTHER_BAD = [
     ("test", ["--batch-size", "x"], 2, "invalid int value"),
     ("test", ["--model", "{tmp}/absent.npy"], 1, "no model at"),
     ("test", ["--model", "{tmp}/a_file"], 1, "is not a readable checkpoint"),
-    ("test", ["--data-dir", "{tmp}/nowhere"], 1, "cannot download CIFAR-10"),
+    ("test", ["--data-dir", "{tmp}/nowhere"], 1, "no CIFAR-10 at"),
     ("test", ["--out-dir", "{tmp}/a_file"], 1, "cannot write to the folder"),
     ("test", ["--image"], 2, "expected at least one argument"),
     ("utils", ["--batch-size", "-1"], 2, "--batch-size must be positive"),
@@ -498,7 +526,7 @@ OTHER_BAD = [
     ("hyperparam_tuning", ["--space-file", "{tmp}/absent.json"], 2, "cannot read --space-file"),
     ("hyperparam_tuning", ["--val-size", "100"], 2, "--val-size must be between 1 and 99"),
     ("hyperparam_tuning", ["--space", "batch_size=10,81"], 2, "--batch-size 81 is larger"),
-    ("hyperparam_tuning", ["--data-dir", "{tmp}/nowhere"], 1, "cannot download CIFAR-10"),
+    ("hyperparam_tuning", ["--data-dir", "{tmp}/nowhere"], 1, "no CIFAR-10 at"),
     ("hyperparam_tuning", ["--out-dir", "{tmp}/a_file"], 1, "cannot write to the folder"),
 ]
 
@@ -561,7 +589,7 @@ def test_debug_shows_the_traceback(tmp_path, switch):
         code, _, err = script("train", *args, MLP_DEBUG="1")
     assert code == 1
     assert "Traceback (most recent call last)" in err and "DataError" in err
-    assert err.splitlines()[-1].startswith("error: cannot download CIFAR-10")
+    assert err.splitlines()[-1].startswith("error: no CIFAR-10 at")
 
 
 def test_unexpected_failures_are_one_line_too(capsys, monkeypatch):

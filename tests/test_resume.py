@@ -6,6 +6,7 @@ one BLAS thread (the guarantee is for the same machine and the same thread count
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,8 @@ import numpy as np
 import pytest
 
 import checkpoint
+import cli
+import files
 import train
 from conftest import ROOT, make_cifar_dir
 
@@ -207,6 +210,57 @@ def test_a_busy_folder_is_refused_at_once_and_a_dead_holder_never_blocks(data_di
     assert code == 0, err
 
 
+@pytest.mark.parametrize("how", ["moved", "deleted"])
+def test_a_run_whose_folder_goes_stops_and_a_new_run_there_is_alone(data_dir, tmp_path, how):
+    """Issue 24, item 2: atomic_write made the folder again, so the run went on writing in the
+    old path, beside a second run admitted there; both ended with exit 0 in the same files."""
+    run_dir, moved = tmp_path / "run", tmp_path / "moved"
+    first = start(data_dir, run_dir, "--epochs", "10000")
+    try:
+        while not (run_dir / train.STATE_FILE).exists():  # the first epoch's files
+            assert first.poll() is None
+            time.sleep(0.005)
+        while run_dir.exists():  # the run may be writing in it meanwhile
+            os.rename(run_dir, moved) if how == "moved" else shutil.rmtree(run_dir, True)
+        _, err = first.communicate(timeout=30)
+    finally:
+        first.kill()
+        first.communicate()
+    assert first.returncode == 1 and err.count("\n") == 1, err
+    assert "was moved or deleted while this run held it" in err
+    assert not run_dir.exists()  # nothing written in the old path
+    if how == "moved":  # what was saved went with the folder, whole
+        state = checkpoint.load_checkpoint(moved / train.STATE_FILE)[1]["run"]
+        history = json.loads((moved / "history.json").read_text())["epochs"]
+        assert history[:len(state["history"])] == state["history"]  # as after a kill -9
+        assert len(history) - len(state["history"]) <= 1 and (moved / "best.npy").exists()
+        assert not [p for p in moved.iterdir() if p.name.endswith(".tmp")]
+    code, _, err = run(data_dir, run_dir, "--epochs", "2")
+    assert code == 0, err
+
+
+def test_a_lost_race_for_the_lock_names_the_holder(tmp_path):
+    """Issue 24, item 13: a run refused just as another took the lock, before it wrote its
+    pid, said `pid unknown`."""
+    holder = subprocess.Popen([sys.executable, "-c", """
+import fcntl, os, sys, time
+with open(sys.argv[1], "ab") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    print("locked", flush=True)
+    time.sleep(0.3)
+    os.write(lock.fileno(), f"{os.getpid()}\\n".encode())
+    time.sleep(30)
+""", str(tmp_path / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(cli.Error, match=f"in use by another run \\(pid {holder.pid}\\)"):
+            with files.folder_lock(tmp_path):
+                pass
+    finally:
+        holder.kill()
+        holder.communicate()
+
+
 def test_train_function_resumes_for_callers(tmp_path):
     from test_train import small_config, synthetic_data
 
@@ -286,12 +340,30 @@ def test_a_lock_that_is_a_link_is_refused_and_its_target_untouched(data_dir, tmp
     assert precious.read_text() == "precious"
 
 
+@pytest.fixture(scope="module")
+def finished(data_dir, tmp_path_factory):
+    """The folder of a finished 2-epoch run, to copy and tamper with."""
+    save_dir = tmp_path_factory.mktemp("finished")
+    assert run(data_dir, save_dir, "--epochs", "2")[0] == 0
+    return save_dir
+
+
+RECORD = {"epoch": 2, "train_loss": 0.5, "train_acc": 0.5, "val_loss": 0.5, "val_acc": 0.5,
+          "lr": 0.5, "tflop": 0.5, "seconds": 0.5}  # an epoch's record, as train.py writes it
+
+
 @pytest.mark.parametrize("change,message", [
     ({"epoch": -3}, "do not add up"), ({"epoch": 99}, "do not add up"),
     ({"history": "x"}, "do not add up"), ({"best_acc": "x"}, "not a number"),
-    ({"stopped": "\x1b[31mred"}, "do not add up"), ({"extra": 1}, "not just")])
-def test_a_crafted_run_state_is_one_clear_error(data_dir, tmp_path, change, message):
-    assert run(data_dir, tmp_path, "--epochs", "2")[0] == 0
+    ({"stopped": "\x1b[31mred"}, "do not add up"), ({"extra": 1}, "not just"),
+    # issue 24, item 9: these passed, then crashed after training or wrote Infinity
+    ({"history": [{}, {}]}, "the record of epoch 1"), ({"flops": 10**400}, "not finite"),
+    ({"flops": float("inf")}, "not finite"), ({"best_epoch": 0}, "best epoch (0)"),
+    ({"history": [{**RECORD, "epoch": 1}, {**RECORD, "val_loss": "x"}]}, "epoch 2"),
+    ({"history": [{**RECORD, "epoch": 1}, {**RECORD, "tflop": float("nan")}]}, "epoch 2")])
+def test_a_crafted_run_state_is_one_clear_error(data_dir, finished, tmp_path, change, message):
+    """A finished state resumed just reports its result: a crafted one must be refused."""
+    shutil.copytree(finished, tmp_path, dirs_exist_ok=True)
     state = tmp_path / train.STATE_FILE
     with np.load(state) as archive:
         arrays = {k: archive[k] for k in archive.files}
@@ -336,3 +408,15 @@ def test_a_closed_terminal_stops_the_run_cleanly(data_dir, tmp_path):
     assert os.waitstatus_to_exitcode(status) == 129, (tmp_path / "err.txt").read_text()
     assert (tmp_path / "run" / "curves.png").exists()
     assert "--resume" in (tmp_path / "err.txt").read_text()
+
+
+def test_a_lock_that_is_a_hard_link_is_refused_and_its_target_untouched(tmp_path):
+    """Past the list: the pid was written over whatever file `.lock` was a hard link to."""
+    precious = tmp_path / "precious.txt"
+    precious.write_text("precious")
+    (tmp_path / "run").mkdir()
+    os.link(precious, tmp_path / "run" / ".lock")
+    with pytest.raises(cli.Error, match="cannot use .*lock: it is a hard link"):
+        with files.folder_lock(tmp_path / "run"):
+            pass
+    assert precious.read_text() == "precious"

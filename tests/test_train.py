@@ -1,7 +1,9 @@
 """train.py: schedules, the optimiser, and whole training runs on a small synthetic set."""
 import json
+import os
 import re
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,7 +14,11 @@ import checkpoint
 import cli
 import config as cfg
 import inference
+import limits
+import model
 import train
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def synthetic_data(n_train=600, n_test=200, seed=0):
@@ -281,3 +287,85 @@ def test_a_stop_while_starting_up_says_that_nothing_was_written(cifar_dir, tmp_p
     assert err == ("error: stopped by SIGTERM while starting up, before the first epoch: "
                    "nothing was written; run the same command again\n")
     assert not save_dir.exists() or not any(p.name[0] != "." for p in save_dir.iterdir())
+
+
+@pytest.mark.parametrize("options", [
+    dict(hidden_size=[4100, 4100], dtype="float64"),  # w2 over 128 MiB
+    dict(hidden_size=[5793, 5793]),  # the same in float32
+    dict(hidden_size=[131_073, 1], whiten=1, dtype="float64"),  # b1 over 1 MiB
+], ids=["float64 4100", "float32 5793", "first-layer bias"])
+def test_a_network_its_own_loader_would_refuse_is_refused_before_the_data_is_read(
+        tmp_path, options, monkeypatch):
+    """Issue 24, item 3: these trained to the end, then their best.npy could not be loaded."""
+    monkeypatch.setenv("CIFAR10_URL", "http://127.0.0.1:9/none")  # never a download
+    config = small_config(tmp_path, **options, data_dir=str(tmp_path / "none"))
+    with pytest.raises(cli.UsageError, match="its checkpoint would not load .* more than the"):
+        train.train(config)
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_largest_network_training_allows_loads(tmp_path):
+    """One table: at the bound, what training accepts its loader reads, and one more is
+    refused by both."""
+    config = small_config(tmp_path, hidden_size=[1, 131_072], whiten=1, dtype="float64")
+    train.check_network(config)
+    net = model.ThreeLayerNN(1, (1, 131_072), 10, dtype=np.float64)
+    checkpoint.save_checkpoint(tmp_path / "best.npy", net, np.zeros(1), np.ones(1),
+                               [str(k) for k in range(10)], config)
+    checkpoint.load_checkpoint(tmp_path / "best.npy")
+    with pytest.raises(cli.UsageError, match="b2 of shape"):
+        train.check_network({**config, "hidden_size": [1, 131_073]})
+    net = model.ThreeLayerNN(1, (1, 131_073), 10, dtype=np.float64)
+    with pytest.raises(checkpoint.CheckpointError, match="cannot save .*b2 of shape"):
+        checkpoint.save_checkpoint(tmp_path / "best.npy", net, np.zeros(1), np.ones(1),
+                                   [str(k) for k in range(10)], config)
+
+
+def test_10000_epochs_fit_the_state_and_the_history_json():
+    """config.py allows 10,000 epochs: a state's history of that many fits `meta`, and the
+    history.json train.py writes fits what utils.py reads, with the longest floats."""
+    record = {key: -1.2345678901234567e-100 for key in checkpoint.RECORD_KEYS}
+    history = [{**record, "epoch": limits.EPOCHS}] * limits.EPOCHS
+    config = cfg.make_config(save_dir="x" * 4096, data_dir="y" * 4096)
+    meta = {"config": config, "run": {**checkpoint.new_run(), "history": history},
+            "class_names": ["x" * limits.CLASS_NAME_CHARS] * 10}
+    assert len(json.dumps(meta)) <= limits.META_CHARS
+    written = json.dumps({"config": config, "training_tflop": 1 / 3, "epochs": history},
+                         indent=2) + "\n"  # as files.write_json writes it
+    assert len(written) <= limits.HISTORY_BYTES
+
+
+def test_the_memory_check_honours_an_address_space_limit(tmp_path):
+    """Issue 24, item 11: under `ulimit -v 2.5G`, --hidden-size 16000 passed the check (it
+    compared with the machine's memory) and died after loading the data."""
+    def limit():
+        import resource
+        resource.setrlimit(resource.RLIMIT_AS, (5 << 29, 5 << 29))
+
+    result = subprocess.run([sys.executable, "train.py", "--hidden-size", "16000", "--data-dir",
+                             tmp_path / "none", "--save-dir", tmp_path / "run"], cwd=ROOT,
+                            text=True, capture_output=True, timeout=60, preexec_fn=limit,
+                            env={**os.environ, "CIFAR10_URL": "http://127.0.0.1:9/none"})
+    assert result.returncode == 2, result.stderr
+    assert re.fullmatch(r"error: --hidden-size 16000 16000 needs 3 GiB .*; this process may "
+                        r"take [\d.]+ GiB\n", result.stderr), result.stderr
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_the_memory_check_honours_the_cgroup_limit(tmp_path, monkeypatch, version):
+    """A container's limit (cgroup v2 memory.max, or v1 memory.limit_in_bytes) of this
+    process's cgroup or a parent of it."""
+    root = tmp_path / "cgroup"
+    if version == 2:
+        line, folder, name = "0::/outer/inner", root, "memory.max"
+    else:
+        line, folder, name = "4:memory:/outer/inner", root / "memory", "memory.limit_in_bytes"
+    (folder / "outer" / "inner").mkdir(parents=True)
+    (folder / "outer" / name).write_text(f"{1 << 30}\n")
+    (folder / "outer" / "inner" / name).write_text("max\n" if version == 2 else f"{1 << 62}\n")
+    (tmp_path / "cgroup_of_self").write_text(f"1:cpu:/\n{line}\n")
+    monkeypatch.setattr(train, "CGROUP_ROOT", str(root))
+    monkeypatch.setattr(train, "PROC_CGROUP", str(tmp_path / "cgroup_of_self"))
+    assert train.memory_available() == 1 << 30
+    with pytest.raises(cli.UsageError, match="needs 3 GiB .* may take 1.0 GiB"):
+        train.check_network(small_config(tmp_path, hidden_size=[16000, 16000], whiten=384))

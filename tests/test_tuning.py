@@ -32,7 +32,7 @@ import search_report
 import search_space
 import study_storage
 import utils
-from conftest import CLASS_NAMES, FOLDER, TRAIN_FILES, batch_bytes
+from conftest import CLASS_NAMES, FOLDER, TRAIN_FILES, batch_bytes, measured
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                       "hyperparam_tuning.py")
@@ -608,6 +608,23 @@ def test_a_torn_last_line_of_the_journal_is_moved_aside(tmp_path, data_dir, caps
     assert trials[0].value == done[0]  # the finished trial is kept
 
 
+def test_a_torn_line_of_any_length_is_moved_aside_whole(tmp_path, data_dir, capsys,
+                                                        monkeypatch):
+    """Issue 24, item 4: the repair read back at most 1 MiB, but a space file within its limit
+    makes journal lines of 2.25 MB; cut in one, the study failed with JSONDecodeError for
+    good."""
+    items, out = ["lr=0.05,0.02"], tmp_path / "out"
+    journal = out / "study.journal"
+    search(out, data_dir, "--space", *items, "--n-trials", "1", monkeypatch=monkeypatch)
+    torn = b'{"op_code": 5, "worker_id": "' + b"x" * (5 << 19)  # 2.5 MB, cut short
+    with open(journal, "ab") as f:
+        f.write(torn)
+    assert search(out, data_dir, "--space", *items, monkeypatch=monkeypatch) == 0
+    assert f"unfinished line ({len(torn)} bytes" in capsys.readouterr().err
+    assert (out / "study.journal.torn").read_bytes() == torn + b"\n"
+    assert_grid_once(load_trials(str(journal)), items)
+
+
 def test_a_point_cut_again_and_again_reruns_its_latest_trial_in_its_first_folder(tmp_path):
     """Each rerun of a point that keeps being cut continues the trial cut last (retry_of),
     always in the folder of the first."""
@@ -973,3 +990,104 @@ def test_processes_share_one_study_through_postgresql(tmp_path, data_dir, postgr
     assert_grid_once(trials, items)
     workers = {t.user_attrs["worker"]["pid"] for t in trials}
     assert len(workers) == 2, "both processes should have taken trials"
+
+
+def test_the_plan_checks_the_largest_network_of_the_space(monkeypatch):
+    """Issue 24, item 11: each hidden size of the space, with the most inputs and the widest
+    dtype it holds, must fit this process's memory and the checkpoint format, before any data
+    is read."""
+    monkeypatch.setattr(ht.train, "memory_available", lambda: 1 << 30)
+    args = ["--space", "hidden_size=256,16000", "whiten=0,256"]
+    with pytest.raises(cli.Error, match="--space: --hidden-size 16000 16000 needs 3 GiB"):
+        ht.make_plan(ht.build_parser().parse_args(args))
+    args = ["--space", "hidden_size=256,4100", "dtype=float32,float64"]
+    with pytest.raises(cli.Error, match="--space: .*4100 with --dtype float64 .*would not load"):
+        ht.make_plan(ht.build_parser().parse_args(args))
+    ht.make_plan(ht.build_parser().parse_args(["--space", "hidden_size=256,4100"]))
+
+
+def test_the_search_sweeps_its_own_stale_temporary_files(tmp_path, data_dir, monkeypatch):
+    """Issue 24, item 10: .optimization_history.png.*.tmp stayed after a kill -9 during the
+    report; the search, holding its --out-dir, now removes what killed writers left."""
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = [out / f".{name}.deadbeef.tmp" for name in ("optimization_history.png",
+                                                         "val_acc_lr_reg.png", "trials.json")]
+    for path in stale:
+        path.write_bytes(b"left by a killed report")
+    assert search(out, data_dir, "--space", "lr=0.05", monkeypatch=monkeypatch) == 0
+    assert not any(path.exists() for path in stale)
+
+
+@pytest.mark.parametrize("fifo", ["trials.json", "study.journal.claim",
+                                  "study.journal.workers/" + "0" * 32])
+def test_search_files_that_are_fifos_are_refused_not_waited_on(tmp_path, data_dir, fifo):
+    """Issue 24, item 6: each of these hung the search forever."""
+    out = tmp_path / "out"
+    (out / "study.journal.workers").mkdir(parents=True)
+    os.mkfifo(out / fifo)
+    done = subprocess.run(command(out, data_dir, "--space", "lr=0.05"), capture_output=True,
+                          text=True, env=environment(), timeout=60)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    assert "FIFO" in lines[0] or "trials.json cannot be read" in lines[0], done.stderr
+
+
+CHECK_OUT_DIR = ("lambda out: __import__('search_report').check_out_dir("
+                 "{'out_dir': out, 'study_name': 'search', 'storage': out + '/study.journal'})")
+
+
+@pytest.mark.parametrize("content", [
+    lambda: "[" * 200_000 + "]" * 200_000,  # gave error: RecursionError
+    lambda: json.dumps({"study": "other", "storage": "/x\x1b]0;owned\x07", "trials": []}),
+    lambda: '{"study": "search", "storage": "?", "trials": [' + "{}," * (20 << 20) + "{}]}",
+], ids=["nested", "escape sequence", "60 MB"])
+def test_a_hostile_trials_json_is_one_clear_refusal(tmp_path, content):
+    """Issue 24, item 6: only the head of trials.json is read (100 MB took 2.5 GB, deep
+    nesting gave error: RecursionError), and the storage it names is escaped when printed."""
+    (tmp_path / "trials.json").write_text(content())
+    report = measured(CHECK_OUT_DIR, tmp_path)
+    assert "holds study" in report["error"] and report["maxrss_mb"] < 100, report
+    assert cli.one_line(report["error"]).isprintable()
+
+
+def test_a_huge_grid_is_refused_up_front_with_its_count(tmp_path, data_dir):
+    """Issue 24, item 8: a space file describing millions of grid points had grid() build
+    them all in memory, then queue them for hours."""
+    space = {"lr": [k / 1000 for k in range(1, 101)], "reg": [k / 1000 for k in range(100)],
+             "momentum": [k / 100 for k in range(100)], "seed": list(range(100))}
+    (tmp_path / "space.json").write_text(json.dumps(space))
+
+    def limit():
+        import resource
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+    done = subprocess.run(command(tmp_path / "out", data_dir, "--space-file",
+                                  tmp_path / "space.json"), capture_output=True, text=True,
+                          env=environment(), timeout=120, preexec_fn=limit)
+    assert done.returncode == 2, done.stderr
+    assert "the space holds 100,000,000 combinations, more than the 10,000" in done.stderr
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_a_search_whose_folder_goes_stops_and_makes_nothing_there(tmp_path, data_dir):
+    """Issue 24, item 2, for a search: its workers hold --out-dir too, and the journal must be
+    the one opened; none of them makes the folder again or writes in another's."""
+    out, moved = tmp_path / "out", tmp_path / "moved"
+    process = subprocess.Popen(command(out, data_dir, "--space", "lr=0.05,0.02,0.01,0.03",
+                                       "--epochs", "40", "--workers", "2"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=environment())
+    try:
+        deadline = time.monotonic() + 60
+        while not glob.glob(str(out / "trial_*" / "history.json")):
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.02)
+        os.rename(out, moved)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        process.communicate()
+    lines = err.splitlines()  # one per worker, then the search's own
+    assert process.returncode == 1 and all(line.startswith("error: ") for line in lines), err
+    assert "out was moved or deleted" in lines[-1] and not out.exists()
