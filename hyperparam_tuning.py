@@ -276,6 +276,8 @@ class Worker:
             best = max(history, key=lambda r: r["val_acc"])
             attrs.update(best_val_acc=best["val_acc"], best_epoch=best["epoch"],
                          train_loss=history[-1]["train_loss"], val_loss=history[-1]["val_loss"])
+        if value is not None:  # averaged over the test-time views, as the trial is ranked
+            attrs["best_val_acc"] = value
         if why:
             attrs["failure"] = why
         try:

@@ -180,17 +180,21 @@ def test_training_compute_is_counted_in_closed_form(tmp_path):
     assert result["tflop"] * 1e12 == pytest.approx(3 * per_epoch, rel=1e-12)
     history = json.loads((tmp_path / "history.json").read_text())
     assert history["training_tflop"] == result["tflop"]
-    # Whitening adds its covariance product and one projection per image seen; flip
-    # averaging doubles each validation pass.
-    config = small_config(tmp_path / "w", epochs=1, whiten=40, flip_average=True)
+    # Whitening adds its covariance product and one projection per image seen; each epoch
+    # validates one view, and the chosen network is scored once on all its views (here the
+    # image and its mirror, each shifted 1 pixel four ways: 10).
+    config = small_config(tmp_path / "w", epochs=2, whiten=40, flip_average=True, test_shift=1)
     result = train.train(config, synthetic_data(), progress=False)
     k = 40
     macs = k * h1 + h1 * h2 + h2 * c
     m = k + 64  # leading_eigenvectors' block: 4 iterations, then the small problem
     fit = 2 * 500 * d * d + 2 * d * d * m * 6 + 2 * d * m * (m + k)
-    expected = (fit + 500 * (6 * macs - 2 * k * h1 + 2 * d * k)
-                + 2 * 100 * (2 * macs + 2 * d * k))
+    expected = (fit + 2 * 500 * (6 * macs - 2 * k * h1 + 2 * d * k)
+                + (2 + 10) * 100 * (2 * macs + 2 * d * k))
     assert result["tflop"] * 1e12 == pytest.approx(expected, rel=1e-12)
+    history = json.loads((tmp_path / "w" / "history.json").read_text())
+    assert history["training_tflop"] == result["tflop"] and result["views"] == 10
+    assert history["chosen"]["val_acc"] == result["best_val_acc"]
 
 
 def test_benchmark_prints_both_configurations_and_where_the_time_goes(capsys):
