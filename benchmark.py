@@ -148,7 +148,8 @@ def torch_epoch(config, images, labels):
         order = rng.permutation(len(images))
         for i in range(0, len(images) - batch + 1, batch):
             idx = order[i:i + batch]
-            views = data_loader.draw_augmentation(batch, rng, config["flip"], config["translate"])
+            views = data_loader.draw_augmentation(batch, rng, config["flip"], config["translate"],
+                                                  config["rotate"])
             x = data_loader.make_batch(images, idx, prep, np.float32, *views, out=buffer)
             loss = torch.nn.functional.cross_entropy(net(torch.from_numpy(x)), y_all[idx])
             optimizer.zero_grad(set_to_none=True)

@@ -54,6 +54,8 @@ OPTIONS = {
                          "shifted by this many pixels up, down, left and right (0 = off; stored "
                          "in the checkpoint)", range="[0, 16]"),
     "flip": Option(True, "random horizontal flips of training images"),
+    "rotate": Option(0.0, "random rotations of training images by up to this many degrees "
+                     "either way, interpolated (0 = off)", range="[0, 45]"),
     "mixup": Option(0.0, "MixUp: train on blends lam * image + (1 - lam) * another, labelled "
                     "likewise, lam ~ Beta(a, a) for this a per batch (0 = off)", range="[0, 10]"),
     "translate": Option(2, "random shifts of training images by up to this many pixels "

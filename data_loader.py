@@ -126,20 +126,23 @@ def leading_eigenvectors(c, k, iterations=4, oversample=64):
     return values[::-1][:k], vectors, flops
 
 
-def make_batch(images, idx, prep, dtype=np.float32, flips=None, shifts=None, out=None):
+def make_batch(images, idx, prep, dtype=np.float32, flips=None, shifts=None, turns=None,
+               out=None):
     """Network inputs (len(idx), k) of the uint8 images at `idx`: each mirrored where `flips`,
-    shifted by `shifts` (rows down, columns right; the uncovered border 0), normalised into
-    `out` (if given, to reuse memory), then whitened if `prep` is.
+    turned by `turns` (see `warp`), shifted by `shifts` (rows down, columns right; the
+    uncovered border 0), normalised into `out` (if given, to reuse memory), then whitened if
+    `prep` is.
 
     kernels.make_batch does the gather, the augmentation and the normalisation in one pass."""
     n = len(idx)
     flips = np.zeros(n, bool) if flips is None else flips
     shifts = np.zeros((n, 2), np.int64) if shifts is None else shifts
+    turns = np.tile((1.0, 0.0), (n, 1)) if turns is None else turns
     out = np.empty((n, images.shape[1]), dtype) if out is None else out
     if kernels.ENABLED:
-        kernels.make_batch(images, idx, flips, shifts, prep.mean, prep.std, out)
+        kernels.make_batch(images, idx, flips, shifts, turns, prep.mean, prep.std, out)
     else:
-        normalize(flip_and_shift(images[idx], flips, shifts), prep.mean, prep.std, out)
+        normalize(warp(images[idx], flips, shifts, turns), prep.mean, prep.std, out)
     return out if prep.whitening is None else out @ prep.whitening.astype(dtype, copy=False)
 
 
@@ -171,8 +174,9 @@ def training_batch(images, labels, idx, rng, prep, config, dtype=np.float32, out
     """The inputs x and labels y of the training batch of the images at `idx`, randomly
     mirrored and shifted as `config` says, and the mix (lam, y2) or None: with MixUp each input
     is lam * itself + (1 - lam) * another of the batch, labelled y2, lam ~ Beta(a, a)."""
-    flips, shifts = draw_augmentation(len(idx), rng, config["flip"], config["translate"])
-    x, y = make_batch(images, idx, prep, dtype, flips, shifts, out), labels[idx]
+    views = draw_augmentation(len(idx), rng, config["flip"], config["translate"],
+                              config["rotate"])
+    x, y = make_batch(images, idx, prep, dtype, *views, out=out), labels[idx]
     if not config["mixup"]:
         return x, y, None
     # Preprocessing is affine, so blending inputs blends the images.
@@ -180,19 +184,45 @@ def training_batch(images, labels, idx, rng, prep, config, dtype=np.float32, out
     return lam * x + (1 - lam) * x[other], y, (lam, y[other])
 
 
-def draw_augmentation(n, rng, flip=True, translate=0):
-    """Random flips (n,), each with probability 1/2 (if `flip`), and shifts (n, 2) of up to
-    `translate` pixels each way, for n images."""
+def draw_augmentation(n, rng, flip=True, translate=0, rotate=0):
+    """For n images: random flips (n,), each with probability 1/2 (if `flip`), shifts (n, 2)
+    of up to `translate` pixels each way, and turns (n, 2) by angles of up to `rotate` degrees
+    either way, as their (cosine, sine)."""
     flips = rng.random(n) < 0.5 if flip else np.zeros(n, bool)
     shifts = (rng.integers(-translate, translate + 1, size=(n, 2)) if translate
               else np.zeros((n, 2), np.int64))
-    return flips, shifts
+    angles = np.radians(rng.uniform(-rotate, rotate, n)) if rotate else np.zeros(n)
+    return flips, shifts, np.stack([np.cos(angles), np.sin(angles)], axis=1)
 
 
 def augment(images, rng, flip=True, translate=0):
     """A uint8 copy of `images` where each image is mirrored left-right with probability 1/2
     (if `flip`) and shifted by up to `translate` pixels each way, the uncovered border zero."""
-    return flip_and_shift(images, *draw_augmentation(len(images), rng, flip, translate))
+    return flip_and_shift(images, *draw_augmentation(len(images), rng, flip, translate)[:2])
+
+
+def warp(images, flips, shifts, turns):
+    """`images` (uint8) as float32, each mirrored where `flips`, turned about its centre by the
+    angle whose (cosine, sine) `turns` holds, then shifted by `shifts`; a turned image's
+    pixels are interpolated (bilinear) from its four nearest, the world outside it 0."""
+    out = flip_and_shift(images, flips, shifts).astype(np.float32)
+    y, x = np.mgrid[:32, :32] - 15.5  # about the centre
+    for i in np.flatnonzero(turns[:, 1]):  # the turned ones, sampled where they came from
+        (cos, sin), (dy, dx) = turns[i], shifts[i]
+        u, v = x - dx, y - dy
+        sx, sy = cos * u + sin * v + 15.5, -sin * u + cos * v + 15.5
+        sx = 31 - sx if flips[i] else sx
+        x0, y0 = np.floor(sx).astype(int), np.floor(sy).astype(int)
+        fx, fy = sx - x0, sy - y0
+        image = images[i].reshape(IMAGE_SHAPE).astype(np.float64)
+
+        def pixel(r, c):  # (3, 32, 32): the image at rows r, columns c; 0 outside
+            inside = (0 <= r) & (r < 32) & (0 <= c) & (c < 32)
+            return np.where(inside, image[:, r.clip(0, 31), c.clip(0, 31)], 0.0)
+        value = ((1 - fy) * ((1 - fx) * pixel(y0, x0) + fx * pixel(y0, x0 + 1))
+                 + fy * ((1 - fx) * pixel(y0 + 1, x0) + fx * pixel(y0 + 1, x0 + 1)))
+        out[i] = value.astype(np.float32).reshape(PIXELS)
+    return out
 
 
 def flip_and_shift(images, flips, shifts):

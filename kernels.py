@@ -56,18 +56,34 @@ def sgd_update(p, g, v, lr, momentum, reg, nesterov):
 
 
 @_compiled
-def make_batch(images, idx, flips, shifts, mean, std, out):
-    """out[i] = (image idx[i], mirrored if flips[i], shifted by shifts[i] with the uncovered
-    border 0, - mean) / std, for uint8 images in CIFAR layout (3 planes of 32 x 32)."""
+def make_batch(images, idx, flips, shifts, turns, mean, std, out):
+    """out[i] = (image idx[i] mirrored if flips[i], turned by turns[i] = (cos, sin) of its
+    angle, shifted by shifts[i], - mean) / std, for uint8 images in CIFAR layout (3 planes of
+    32 x 32): data_loader.warp, then data_loader.normalize."""
     for i in range(len(idx)):
         image, dy, dx = images[idx[i]], shifts[i, 0], shifts[i, 1]
+        cos, sin = turns[i, 0], turns[i, 1]
+
+        def pixel(c, r, q):  # plane c of the image at row r, column q; 0 off the image
+            inside = 0 <= r < 32 and 0 <= q < 32
+            return np.float64(image[c * 1024 + r * 32 + q]) if inside else 0.0
+
         for c in range(3):
             for y in range(32):
-                row, sy = c * 1024 + y * 32, y - dy
+                row = c * 1024 + y * 32
                 for x in range(32):
-                    sx = 31 - (x - dx) if flips[i] else x - dx  # the source column
-                    inside = 0 <= sy < 32 and 0 <= sx < 32
-                    # uint8 as the images (uint8 - float32 is float32); 0 off the image.
-                    value = image[c * 1024 + sy * 32 + sx] if inside else np.uint8(0)
-                    out[i, row + x] = value - mean[row + x]  # in float32, then divided in
-                    out[i, row + x] /= std[row + x]  # out's type, as NumPy's normalize does
+                    if sin == 0:  # whole pixels: the one it came from
+                        value = pixel(c, y - dy, 31 - (x - dx) if flips[i] else x - dx)
+                    else:  # between the four pixels nearest to where it came from
+                        u, v = x - dx - 15.5, y - dy - 15.5
+                        sx, sy = cos * u + sin * v + 15.5, -sin * u + cos * v + 15.5
+                        sx = 31 - sx if flips[i] else sx
+                        x0, y0 = int(np.floor(sx)), int(np.floor(sy))
+                        fx, fy = sx - x0, sy - y0
+                        value = ((1 - fy) * ((1 - fx) * pixel(c, y0, x0)
+                                             + fx * pixel(c, y0, x0 + 1))
+                                 + fy * ((1 - fx) * pixel(c, y0 + 1, x0)
+                                         + fx * pixel(c, y0 + 1, x0 + 1)))
+                    # In float32 as NumPy's normalize does, then divided in out's type.
+                    out[i, row + x] = np.float32(value) - mean[row + x]
+                    out[i, row + x] /= std[row + x]

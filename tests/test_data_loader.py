@@ -172,7 +172,7 @@ def test_the_real_cifar10():
 def test_mixup_blends_pairs_of_the_batch_and_their_labels():
     images, labels = synthetic(64)
     prep = data_loader.Preprocessing(np.zeros(3072, np.float32), np.ones(3072, np.float32))
-    config = {"flip": False, "translate": 0, "mixup": 0.4}
+    config = {"flip": False, "translate": 0, "rotate": 0, "mixup": 0.4}
     idx = np.arange(10, 42)
     x, y, (lam, y2) = data_loader.training_batch(images, labels, idx, np.random.default_rng(5),
                                                   prep, config)
@@ -185,3 +185,21 @@ def test_mixup_blends_pairs_of_the_batch_and_their_labels():
     plain = data_loader.training_batch(images, labels, idx, np.random.default_rng(5), prep,
                                        {**config, "mixup": 0})
     assert plain[2] is None and np.array_equal(plain[0], rows.astype(np.float32))
+
+
+def test_a_half_turn_is_both_mirrors_and_small_turns_keep_the_centre():
+    images, _ = synthetic(4)
+    n = len(images)
+    half = np.tile((np.cos(np.pi), np.sin(np.pi)), (n, 1))
+    turned = data_loader.warp(images, np.zeros(n, bool), np.zeros((n, 2), int), half)
+    upside_down = images.reshape(n, 3, 32, 32)[:, :, ::-1, ::-1].reshape(n, 3072)
+    assert np.allclose(turned, upside_down, atol=1e-6)
+    smooth = np.full((n, 3072), 100, np.uint8)  # a flat image stays flat inside the frame
+    small = np.tile((np.cos(0.1), np.sin(0.1)), (n, 1))
+    inner = data_loader.warp(smooth, np.zeros(n, bool), np.zeros((n, 2), int), small)
+    inner = inner.reshape(n, 3, 32, 32)[:, :, 4:28, 4:28]
+    assert np.allclose(inner, 100, atol=1e-4)
+    flips, shifts, turns = data_loader.draw_augmentation(1000, np.random.default_rng(0),
+                                                         rotate=10)
+    angles = np.degrees(np.arctan2(turns[:, 1], turns[:, 0]))
+    assert -10 <= angles.min() < -9 and 9 < angles.max() <= 10

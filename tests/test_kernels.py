@@ -24,15 +24,15 @@ def test_sgd_update_is_the_reference_bit_for_bit(dtype, momentum, nesterov, reg)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_make_batch_is_gather_flip_shift_and_normalize_bit_for_bit(dtype):
+@pytest.mark.parametrize("rotate", [0, 30])
+def test_make_batch_is_gather_warp_and_normalize_bit_for_bit(dtype, rotate):
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, size=(50, 3072), dtype=np.uint8)
     mean, std = data_loader.compute_stats(images)
     idx = rng.permutation(50)[:17]
-    flips = rng.random(17) < 0.5
-    shifts = rng.integers(-16, 17, size=(17, 2))  # as far as --translate goes
-    out = np.empty((17, 3072), dtype)
-    kernels.make_batch(images, idx, flips, shifts, mean, std, out)
-    reference = data_loader.normalize(data_loader.flip_and_shift(images[idx], flips, shifts),
+    flips, shifts, turns = data_loader.draw_augmentation(17, rng, True, 16, rotate)
+    out = np.empty((17, 3072), dtype)  # shifts as far as --translate goes
+    kernels.make_batch(images, idx, flips, shifts, turns, mean, std, out)
+    reference = data_loader.normalize(data_loader.warp(images[idx], flips, shifts, turns),
                                       mean, std, np.empty((17, 3072), dtype))
     assert np.array_equal(out, reference)
