@@ -363,11 +363,13 @@ def test_a_killed_search_resumes_and_its_cut_trials_continue(tmp_path, data_dir)
 
 
 def test_pruning_stops_hopeless_trials(tmp_path, data_dir, monkeypatch):
-    # Good trials first (the grid runs in the order given), then ones that cannot learn.
+    # Good trials first (the grid runs in the order given), then ones that cannot learn. The
+    # good ones are all start-up trials, which are never pruned: on a tiny fixture one of
+    # them may dip below its peers' median at some epoch, and that is not what this tests.
     items = ["lr=0.05,1e-6", "seed=0,1,2"]
     out = tmp_path / "out"
     search(out, data_dir, "--space", *items, "--epochs", "3", "--pruner", "median",
-           "--prune-startup", "2", monkeypatch=monkeypatch)
+           "--prune-startup", "3", monkeypatch=monkeypatch)
     trials = load_trials(str(out / "study.journal"))
     pruned = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED]
     assert pruned and all(t.params["lr"] == 1e-6 for t in pruned)
