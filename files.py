@@ -69,6 +69,11 @@ def atomic_write(path, mode="wb"):
 def _write_error(path, folder, exc):
     """The error of a failed write: the folder's going, if that is why (FolderMoved)."""
     check_folder(folder)
+    if exc.errno == errno.ENOENT and os.path.abspath(folder) in _held:
+        # Our own file vanished: the folder is likely being deleted, its files first.
+        for _ in range(20):
+            time.sleep(0.05)
+            check_folder(folder)
     return Error(f"cannot write {path}: {exc.strerror or exc}")
 
 
