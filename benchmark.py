@@ -83,7 +83,7 @@ def machine():
     blas = [i for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
     lines += [f"NumPy {np.__version__} BLAS: {i['internal_api']} {i.get('version')} "
               f"({i.get('architecture')} kernels), {i['num_threads']} threads" for i in blas]
-    if kernels.ENABLED:
+    if kernels.enabled():
         import numba
         lines.append(f"fused kernels: Numba {numba.__version__}, {numba.get_num_threads()} "
                      f"threads")

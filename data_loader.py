@@ -139,7 +139,7 @@ def make_batch(images, idx, prep, dtype=np.float32, flips=None, shifts=None, tur
     shifts = np.zeros((n, 2), np.int64) if shifts is None else shifts
     turns = np.tile((1.0, 0.0), (n, 1)) if turns is None else turns
     out = np.empty((n, images.shape[1]), dtype) if out is None else out
-    if kernels.ENABLED:
+    if kernels.enabled():
         kernels.make_batch(images, idx, flips, shifts, turns, prep.mean, prep.std, out)
     else:
         normalize(warp(images[idx], flips, shifts, turns), prep.mean, prep.std, out)
