@@ -40,10 +40,13 @@ class SGD:
         """p -= lr * (g + reg * p), through the momentum buffer when there is one."""
         update = kernels.sgd_update if kernels.enabled() else self.update
         for name, p in params.items():
-            v = self.velocity.get(name, p[:0])  # size 0: no momentum
+            v, g = self.velocity.get(name, p[:0]), grads[name]  # v of size 0: no momentum
+            if g.shape != p.shape or v.size not in (0, p.size):  # the kernel does not check
+                raise ValueError(f"{name}: gradient {g.shape} or velocity {v.shape} is not "
+                                 f"of the parameter's shape {p.shape}")
             scalars = (p.dtype.type(x) for x in (lr, self.momentum, self.reg[name]))
             # Flat views: parameters, gradients and velocities are contiguous.
-            update(p.reshape(-1), grads[name].reshape(-1), v.reshape(-1), *scalars, self.nesterov)
+            update(p.reshape(-1), g.reshape(-1), v.reshape(-1), *scalars, self.nesterov)
 
     @staticmethod
     def update(p, g, v, lr, momentum, reg, nesterov):

@@ -72,3 +72,28 @@ def test_kernels_with_no_folder_to_cache_in_are_compiled_without_a_cache(tmp_pat
                             capture_output=True, timeout=300)
     assert (result.returncode, result.stdout) == (0, "1.5\n"), result.stderr
     assert result.stderr.startswith("warning: the kernel sgd_update is compiled again each run")
+
+
+BAD_BATCHES = """
+import numpy as np, data_loader, optim
+images = np.zeros((5, 3072), np.uint8)
+prep = data_loader.fit_preprocessing(images)[0]
+batch, w = data_loader.make_batch, {"w": np.ones(9)}
+for call in [lambda: batch(images, np.array([10**7]), prep),
+             lambda: batch(images[:, :1000], np.arange(2), prep),
+             lambda: batch(images, np.arange(2), prep._replace(mean=prep.mean[:9])),
+             lambda: batch(images, np.arange(2), prep, out=np.empty((1, 3072))),
+             lambda: optim.SGD(w, 0.9).step(w, {"w": np.ones(2)}, 1)]:
+    try:
+        call()
+    except (ValueError, IndexError) as exc:
+        print(type(exc).__name__)
+"""
+
+
+def test_the_kernels_refuse_what_they_would_read_or_write_out_of_bounds():
+    # NumPy's references raise on each; unchecked, the kernels crashed or corrupted memory.
+    result = subprocess.run([sys.executable, "-c", BAD_BATCHES], cwd=ROOT, text=True,
+                            capture_output=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["IndexError", *["ValueError"] * 4]
