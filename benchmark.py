@@ -47,7 +47,8 @@ CONFIGS = {
     "default": {"hidden_size": [1024, 1024], "batch_size": 128, "flip": True, "translate": 2,
                 "reg": 5e-4},
 }
-COMMON = {"momentum": 0.9, "nesterov": True, "dropout": 0.0, "label_smoothing": 0.0}
+# No MixUp: the PyTorch twin trains on the batches as they are made.
+COMMON = {"momentum": 0.9, "nesterov": True, "dropout": 0.0, "label_smoothing": 0.0, "mixup": 0.0}
 OVERRIDABLE = ["hidden_size", "activation", "batch_size", "momentum", "nesterov", "reg",
                "dropout", "flip", "translate"]
 # What --profile times: the layers, the loss, the data path and the optimiser.
@@ -83,7 +84,7 @@ def machine():
     blas = [i for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
     lines += [f"NumPy {np.__version__} BLAS: {i['internal_api']} {i.get('version')} "
               f"({i.get('architecture')} kernels), {i['num_threads']} threads" for i in blas]
-    if kernels.ENABLED:
+    if kernels.enabled():
         import numba
         lines.append(f"fused kernels: Numba {numba.__version__}, {numba.get_num_threads()} "
                      f"threads")
@@ -207,8 +208,21 @@ def profiled():
             setattr(owner, name, original)
 
 
+def measured_config(name, settings):
+    """The training configuration measured as `name`, with the options given (`settings`)."""
+    return cfg.make_config(**{**COMMON, **CONFIGS[name], **settings})
+
+
+def shown_default(key):
+    """What each configuration measures for `key` when it is not given, for --help."""
+    values = {name: measured_config(name, {})[key] for name in CONFIGS}
+    if len({str(v) for v in values.values()}) == 1:
+        return str(values.popitem()[1])
+    return ", ".join(f"{v} for {name}" for name, v in values.items())
+
+
 def measure(name, settings, n_images, epochs, with_torch, peak):
-    config = cfg.make_config(**{**COMMON, **CONFIGS[name], **settings})
+    config = measured_config(name, settings)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(n_images, data_loader.PIXELS), dtype=np.uint8)
     labels = rng.integers(0, data_loader.N_CLASSES, size=n_images)
@@ -261,12 +275,12 @@ def main(argv):
                         help="also print where one epoch's time goes, operation by operation")
     cli.add_config_options(parser, {k: cfg.DEFAULT_CONFIG[k] for k in OVERRIDABLE}, {
         k: cfg.HELP[k] + " (overrides both configurations)" for k in OVERRIDABLE},
-        {"activation": sorted(model.ACTIVATIONS)}, cfg.ALIASES)
+        {"activation": sorted(model.ACTIVATIONS)}, cfg.ALIASES,
+        shown={k: shown_default(k) for k in OVERRIDABLE})
     args = parser.parse_args(argv)
     settings = cli.overrides(args, OVERRIDABLE)
     try:
-        batch = [cfg.make_config(**{**CONFIGS[name], **settings})["batch_size"]
-                 for name in args.configs]
+        batch = [measured_config(name, settings)["batch_size"] for name in args.configs]
     except cli.Error as exc:
         parser.error(str(exc))
     if args.epochs < 1:

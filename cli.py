@@ -56,17 +56,18 @@ def _parse_bool(text):
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def add_config_options(parser, defaults, helps, choices=None, aliases=None):
+def add_config_options(parser, defaults, helps, choices=None, aliases=None, shown=None):
     """Add one `--key` option per configuration key, typed from its default value.
 
     An option the user does not give is absent from the parsed arguments (see `overrides`),
-    so presets can fill it; `aliases` maps other accepted names to keys.
+    so presets can fill it; `aliases` maps other accepted names to keys, `shown` keys to the
+    default their help states, where it is not `defaults`' value.
     """
-    choices, aliases = choices or {}, aliases or {}
+    choices, aliases, shown = choices or {}, aliases or {}, shown or {}
     for key, default in defaults.items():
         flags = ["--" + name.replace("_", "-") for name in [key, *aliases_of(key, aliases)]]
         kwargs = dict(default=argparse.SUPPRESS, dest=key, choices=choices.get(key),
-                      help=f"{helps[key]} (default: {default})")
+                      help=f"{helps[key]} (default: {shown.get(key, default)})")
         if isinstance(default, bool):
             kwargs.update(type=_parse_bool, metavar="BOOL")
         elif isinstance(default, (list, tuple)):

@@ -48,11 +48,12 @@ OPTIONS = {
                      "0 = per-pixel standardisation only", range="[0, 3072]"),
     "whiten_eps": Option(0.1, "whitening damping, as a share of the mean kept eigenvalue",
                          range="(0, 100]"),
-    "flip_average": Option(True, "predict each validation and test image as the average of "
-                           "it and its mirror image (stored in the checkpoint)"),
-    "test_shift": Option(2, "also average each validation and test prediction over the image "
-                         "shifted by this many pixels up, down, left and right (0 = off; stored "
-                         "in the checkpoint)", range="[0, 16]"),
+    "flip_average": Option(True, "predict each test image, and the chosen network's "
+                           "validation images, as the average of it and its mirror image (each "
+                           "epoch's validation scores one view; stored in the checkpoint)"),
+    "test_shift": Option(2, "also average each test prediction, and the chosen network's "
+                         "validation ones, over the image shifted by this many pixels up, down, "
+                         "left and right (0 = off; stored in the checkpoint)", range="[0, 16]"),
     "flip": Option(True, "random horizontal flips of training images"),
     "rotate": Option(0.0, "random rotations of training images by up to this many degrees "
                      "either way, interpolated (0 = off)", range="[0, 45]"),

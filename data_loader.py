@@ -139,11 +139,24 @@ def make_batch(images, idx, prep, dtype=np.float32, flips=None, shifts=None, tur
     shifts = np.zeros((n, 2), np.int64) if shifts is None else shifts
     turns = np.tile((1.0, 0.0), (n, 1)) if turns is None else turns
     out = np.empty((n, images.shape[1]), dtype) if out is None else out
-    if kernels.ENABLED:
+    if kernels.enabled():
+        check_batch(images, idx, flips, shifts, turns, prep, out)
         kernels.make_batch(images, idx, flips, shifts, turns, prep.mean, prep.std, out)
     else:
         normalize(warp(images[idx], flips, shifts, turns), prep.mean, prep.std, out)
     return out if prep.whitening is None else out @ prep.whitening.astype(dtype, copy=False)
+
+
+def check_batch(images, idx, flips, shifts, turns, prep, out):
+    """Refuse (ValueError, IndexError) what the kernel would read or write out of bounds, as
+    NumPy's reference does: it does not check, and would crash or corrupt memory."""
+    n, rows = len(idx), len(images)
+    if (np.ndim(images) != 2 or images.shape[1] != PIXELS or out.shape != (n, PIXELS)
+            or any(a.shape != (PIXELS,) for a in prep[:2]) or len(flips) != n
+            or np.shape(shifts) != (n, 2) or np.shape(turns) != (n, 2)):
+        raise ValueError(f"a batch of {n} images of {PIXELS} values needs arrays of its shapes")
+    if n and not -rows <= np.min(idx) <= np.max(idx) < rows:
+        raise IndexError(f"image indices out of range for {rows} images")
 
 
 def preprocess(images, prep, dtype=np.float32, out=None, mirror=False):

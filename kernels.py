@@ -5,7 +5,9 @@ of a training step that costs as much as the products themselves. Each kernel he
 loop that reads as its formula, compiled by Numba (and cached on disk, so a later run loads it
 in a fraction of a second). It computes in the same order as its reference, so the results are
 the same bit for bit (tests/test_kernels.py). Without Numba, or with the environment variable
-MLP_KERNELS=numpy, ENABLED is False and the references run.
+MLP_KERNELS=numpy, ENABLED is False and the references run. Callers ask `enabled()`: a Numba
+that is installed but does not load turns the kernels off with one warning, and one with no
+folder to cache in compiles them each run, with another.
 
 The kernels run on the calling core only. Between products, OpenBLAS keeps its other threads
 spinning on the other cores; a second pool of threads fighting them for those cores made the
@@ -14,11 +16,32 @@ whole step slower, not faster (measured with benchmark.py --profile: see the REA
 import functools
 import importlib.util
 import os
+import sys
 
 import numpy as np
 
 AVAILABLE = importlib.util.find_spec("numba") is not None
 ENABLED = AVAILABLE and os.environ.get("MLP_KERNELS", "") != "numpy"
+
+
+def enabled():
+    """Whether the kernels run: ENABLED, and Numba loads (it is imported here, at the first
+    batch). If it does not, one line says so and the references run from then on."""
+    global ENABLED
+    if ENABLED:
+        try:
+            import numba  # noqa: F401
+        except Exception as exc:  # e.g. built for another NumPy: ImportError, or worse
+            ENABLED = False
+            _warn(f"Numba is installed but does not load ({exc}), so the NumPy references run "
+                  f"instead (slower); MLP_KERNELS=numpy runs them without this warning")
+    return ENABLED
+
+
+def _warn(message):
+    """`message` as one `warning:` line on stderr."""
+    import cli
+    sys.stderr.write(f"warning: {cli.shown(' '.join(str(message).split()))}\n")
 
 
 def _compiled(kernel):
@@ -28,7 +51,12 @@ def _compiled(kernel):
     def run(*args):
         if run.compiled is None:
             import numba
-            run.compiled = numba.njit(cache=True)(kernel)
+            try:
+                run.compiled = numba.njit(cache=True)(kernel)
+            except RuntimeError as exc:  # no folder it may cache in: compile, don't cache
+                _warn(f"the kernel {kernel.__name__} is compiled again each run: {exc}; set "
+                      f"NUMBA_CACHE_DIR to a writable folder to keep it")
+                run.compiled = numba.njit(kernel)
         return run.compiled(*args)
     run.compiled = None
     return run

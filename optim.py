@@ -21,7 +21,7 @@ class SGD:
 
     Each step reads every weight, gradient and velocity once: it is bound by memory, not
     arithmetic. `update` is the rule in NumPy; kernels.sgd_update does the same in one pass
-    over memory on every core, bit for bit, and runs instead when Numba is there.
+    over memory on the calling core, bit for bit, and runs instead when Numba loads.
     """
 
     def __init__(self, params, momentum=0.0, nesterov=False, reg=0.0):
@@ -38,12 +38,15 @@ class SGD:
 
     def step(self, params, grads, lr):
         """p -= lr * (g + reg * p), through the momentum buffer when there is one."""
-        update = kernels.sgd_update if kernels.ENABLED else self.update
+        update = kernels.sgd_update if kernels.enabled() else self.update
         for name, p in params.items():
-            v = self.velocity.get(name, p[:0])  # size 0: no momentum
+            v, g = self.velocity.get(name, p[:0]), grads[name]  # v of size 0: no momentum
+            if g.shape != p.shape or v.size not in (0, p.size):  # the kernel does not check
+                raise ValueError(f"{name}: gradient {g.shape} or velocity {v.shape} is not "
+                                 f"of the parameter's shape {p.shape}")
             scalars = (p.dtype.type(x) for x in (lr, self.momentum, self.reg[name]))
             # Flat views: parameters, gradients and velocities are contiguous.
-            update(p.reshape(-1), grads[name].reshape(-1), v.reshape(-1), *scalars, self.nesterov)
+            update(p.reshape(-1), g.reshape(-1), v.reshape(-1), *scalars, self.nesterov)
 
     @staticmethod
     def update(p, g, v, lr, momentum, reg, nesterov):

@@ -291,6 +291,10 @@ def _train(config, data, on_epoch, progress, evaluate_test, say, resume):
     val_acc, flops, test_acc, test_acc_single = run["best_acc"], run["flops"], None, None
     if run["best_epoch"] and (len(views) > 1 or evaluate_test):
         files.check_folder(config["save_dir"])  # its own best.npy, not another run's
+        if not os.path.exists(path[BEST_FILE]):
+            files.check_folder(config["save_dir"])  # the folder went, not just the file?
+            raise cli.Error(f"{path[BEST_FILE]} was deleted while this run trained: its best "
+                            f"network (epoch {run['best_epoch']}) is lost, and was not scored")
         best, meta = checkpoint.load_checkpoint(path[BEST_FILE])  # as test.py reads it
         if len(views) > 1:
             val_acc = evaluate(best, x_val, y_val, meta["prep"], meta_views(meta))[1]

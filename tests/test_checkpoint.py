@@ -91,3 +91,17 @@ def test_a_state_from_another_version_names_the_options_that_differ(tmp_path):
     assert "--lr-min\\x1b[2J 0.0 (no such option in this version)" in message, message
     assert "--whiten-eps (not in the state: saved by another version)" in message, message
     assert "\x1b" not in message and "--lr " not in message
+
+
+@pytest.mark.parametrize("shift", [-1, 17, 10**4000, 1.5, 2.0, True, "2", None, [2]])
+@pytest.mark.parametrize("script", ["test", "utils"])
+def test_a_bad_test_shift_in_meta_is_one_error_line(tmp_path, capsys, script, shift):
+    from conftest import load_script
+    path = tmp_path / "best.npy"
+    save_checkpoint(path, ThreeLayerNN(3072, 4, 10), np.zeros(3072, np.float32),
+                    np.ones(3072, np.float32), data_loader.CLASS_NAMES, {}, test_shift=shift)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(load_script(script).main, ["--model", str(path), "--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and err.count("\n") == 1
+    assert err.endswith("test_shift is not a whole number of 0 to 16\n")

@@ -1,10 +1,15 @@
 """kernels.py: each fused kernel gives its NumPy reference's result bit for bit."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 import data_loader
 import kernels
 import optim
+from conftest import ROOT
 
 pytestmark = pytest.mark.skipif(not kernels.ENABLED, reason="Numba is not installed")
 
@@ -36,3 +41,59 @@ def test_make_batch_is_gather_warp_and_normalize_bit_for_bit(dtype, rotate):
     reference = data_loader.normalize(data_loader.warp(images[idx], flips, shifts, turns),
                                       mean, std, np.empty((17, 3072), dtype))
     assert np.array_equal(out, reference)
+
+
+def test_a_numba_that_does_not_load_leaves_the_references_and_one_warning(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "numba", None)  # `import numba` raises ImportError
+    monkeypatch.setattr(kernels, "ENABLED", True)
+    for kernel in (kernels.make_batch, kernels.sgd_update):
+        monkeypatch.setattr(kernel, "compiled", None)
+    images = np.random.default_rng(0).integers(0, 256, size=(3, 3072), dtype=np.uint8)
+    prep = data_loader.fit_preprocessing(images)[0]
+    x = data_loader.preprocess(images, prep)
+    p = {"w1": np.ones(4, np.float32)}
+    optim.SGD(p, momentum=0.9).step(p, {"w1": np.ones(4, np.float32)}, 0.5)
+    assert np.array_equal(x, data_loader.normalize(images, prep.mean, prep.std))
+    assert np.array_equal(p["w1"], np.full(4, 0.5, np.float32)) and not kernels.ENABLED
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: Numba is installed but does not")
+
+
+def test_kernels_with_no_folder_to_cache_in_are_compiled_without_a_cache(tmp_path):
+    # A read-only install: no __pycache__ beside kernels.py, no writable NUMBA_CACHE_DIR.
+    (tmp_path / "kernels.py").write_text((ROOT / "kernels.py").read_text())
+    (tmp_path / "__pycache__").write_text("")
+    blocked = tmp_path / "__pycache__" / "cache"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "NUMBA_CACHE_DIR": str(blocked),
+           "HOME": str(blocked), "XDG_CACHE_HOME": str(blocked)}
+    code = ("import numpy as np, kernels; p = np.ones(3); "
+            "kernels.sgd_update(p, p.copy(), p[:0], 0.5, 0.0, 0.0, False); print(p.sum())")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, text=True,
+                            capture_output=True, timeout=300)
+    assert (result.returncode, result.stdout) == (0, "1.5\n"), result.stderr
+    assert result.stderr.startswith("warning: the kernel sgd_update is compiled again each run")
+
+
+BAD_BATCHES = """
+import numpy as np, data_loader, optim
+images = np.zeros((5, 3072), np.uint8)
+prep = data_loader.fit_preprocessing(images)[0]
+batch, w = data_loader.make_batch, {"w": np.ones(9)}
+for call in [lambda: batch(images, np.array([10**7]), prep),
+             lambda: batch(images[:, :1000], np.arange(2), prep),
+             lambda: batch(images, np.arange(2), prep._replace(mean=prep.mean[:9])),
+             lambda: batch(images, np.arange(2), prep, out=np.empty((1, 3072))),
+             lambda: optim.SGD(w, 0.9).step(w, {"w": np.ones(2)}, 1)]:
+    try:
+        call()
+    except (ValueError, IndexError) as exc:
+        print(type(exc).__name__)
+"""
+
+
+def test_the_kernels_refuse_what_they_would_read_or_write_out_of_bounds():
+    # NumPy's references raise on each; unchecked, the kernels crashed or corrupted memory.
+    result = subprocess.run([sys.executable, "-c", BAD_BATCHES], cwd=ROOT, text=True,
+                            capture_output=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["IndexError", *["ValueError"] * 4]

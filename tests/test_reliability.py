@@ -531,6 +531,17 @@ OTHER_BAD = [
 ]
 
 
+def test_benchmark_measures_no_mixup_and_its_help_states_each_configurations_default(capsys):
+    # Its PyTorch twin does no MixUp, and the report never used it.
+    assert all(benchmark.measured_config(name, {})["mixup"] == 0 for name in benchmark.CONFIGS)
+    with pytest.raises(SystemExit):
+        benchmark.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: [512, 512] for report, [1024, 1024] for default)" in text
+    assert "pixels (0 = off) (overrides both configurations) (default: 0 for report, 2 for " \
+           "default)" in text
+
+
 @pytest.mark.parametrize("name,args,status,message", OTHER_BAD,
                          ids=[f"{n} {' '.join(a)}" for n, a, _, _ in OTHER_BAD])
 def test_other_scripts_refuse_bad_values_before_any_work(tmp_path, data_dir, capsys,

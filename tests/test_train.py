@@ -374,3 +374,18 @@ def test_the_memory_check_honours_the_cgroup_limit(tmp_path, monkeypatch, versio
     assert train.memory_available() == 1 << 30
     with pytest.raises(cli.UsageError, match="needs 3 GiB .* may take 1.0 GiB"):
         train.check_network(small_config(tmp_path, hidden_size=[16000, 16000], whiten=384))
+
+
+def test_help_says_each_epochs_validation_scores_one_view():
+    assert "each epoch's validation scores one view" in cfg.HELP["flip_average"]
+    assert "each validation" not in cfg.HELP["flip_average"] + cfg.HELP["test_shift"]
+
+
+def test_a_best_npy_deleted_while_training_is_said_so(tmp_path):
+    def delete(record):
+        if record["epoch"] == 2:
+            (tmp_path / "best.npy").unlink()
+
+    with pytest.raises(cli.Error, match=r"best\.npy was deleted while this run trained"):
+        train.train(small_config(tmp_path, epochs=2, test_shift=1), synthetic_data(),
+                    on_epoch=delete, progress=False)
