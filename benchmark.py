@@ -74,9 +74,9 @@ def machine():
     """What the figures depend on: the CPU, the BLAS libraries and their threads, the kernels."""
     try:
         with open("/proc/cpuinfo") as f:
-            info = dict(line.split(":", 1) for line in f if ":" in line)
-        flags = info.get("flags\t", "").split()
-        cpu = " ".join(info.get("model name\t", "?").split())
+            info = {k.strip(): v for k, v in (line.split(":", 1) for line in f if ":" in line)}
+        flags = info.get("flags", "").split()
+        cpu = " ".join(info.get("model name", "?").split())
         cpu += " (AVX-512)" if "avx512f" in flags else " (AVX2)" if "avx2" in flags else ""
     except OSError:
         cpu = platform.processor() or platform.machine()
@@ -86,8 +86,7 @@ def machine():
               f"({i.get('architecture')} kernels), {i['num_threads']} threads" for i in blas]
     if kernels.enabled():
         import numba
-        lines.append(f"fused kernels: Numba {numba.__version__}, {numba.get_num_threads()} "
-                     f"threads")
+        lines.append(f"fused kernels: Numba {numba.__version__}, on the calling thread")
     else:
         lines.append("fused kernels: off (NumPy references)")
     try:

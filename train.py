@@ -15,6 +15,7 @@ import os
 import resource
 import shlex
 import sys
+import threading
 import time
 
 import numpy as np
@@ -25,6 +26,7 @@ import cli
 import config as cfg
 import data_loader
 import files
+import kernels
 import model
 import optim
 from inference import evaluate, evaluate_flops, meta_views, views as test_views
@@ -214,6 +216,27 @@ def train(config, data=None, on_epoch=None, progress=True, evaluate_test=False, 
         return _train(config, data, on_epoch, progress, evaluate_test, say, resume)
 
 
+def warm_up_kernels(images, labels, config):
+    """Load the fused kernels (Numba and its disk cache: about a second) on a side thread, so
+    that the first batch finds them ready; started before the whitening, it costs no time.
+    Returns the thread. A failure is left to the first batch, which reports it."""
+    def load():
+        if not kernels.enabled():
+            return
+        with contextlib.suppress(Exception):
+            dtype, idx = np.dtype(config["dtype"]), np.arange(2)
+            prep = data_loader.Preprocessing(*data_loader.compute_stats(images[:2]))
+            rng = np.random.default_rng(0)  # its own: the run's draws stay the same
+            data_loader.training_batch(images, labels, idx, rng, prep, config, dtype)
+            data_loader.preprocess(images[:2], prep, dtype)
+            params = {"w1": np.zeros(2, dtype)}
+            optimizer = optim.SGD(params, config["momentum"], config["nesterov"], config["reg"])
+            optimizer.step(params, {"w1": np.zeros(2, dtype)}, 0.0)
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    return thread
+
+
 def _train(config, data, on_epoch, progress, evaluate_test, say, resume):
     images, labels, test_images, test_labels = data
     path = {name: os.path.join(config["save_dir"], name)
@@ -221,6 +244,7 @@ def _train(config, data, on_epoch, progress, evaluate_test, say, resume):
     with cli.stopping_says(STARTING_UP):  # the whitening can take a while
         x_train, y_train, x_val, y_val = data_loader.split_validation(
             images, labels, config["val_size"], config["seed"])
+        warm_up_kernels(x_train, y_train, config)
         if config["whiten"]:
             say(f"whitening: {config['whiten']} principal components from "
                 f"{min(len(x_train), data_loader.WHITEN_SAMPLE):,} training images...")

@@ -9,7 +9,7 @@ import pytest
 import data_loader
 import kernels
 import optim
-from conftest import ROOT
+from conftest import ROOT, run_child
 
 pytestmark = pytest.mark.skipif(not kernels.ENABLED, reason="Numba is not installed")
 
@@ -97,3 +97,27 @@ def test_the_kernels_refuse_what_they_would_read_or_write_out_of_bounds():
                             capture_output=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["IndexError", *["ValueError"] * 4]
+
+
+WARM_UP = """
+import sys, tempfile
+sys.path.insert(0, "tests")
+import config as cfg, kernels, train
+from test_train import synthetic_data
+data = synthetic_data()
+config = cfg.make_config(hidden_size=[16, 8], epochs=1, batch_size=50, val_size=100, whiten=0,
+                         mixup=0.2, test_shift=1, save_dir=tempfile.mkdtemp())
+train.warm_up_kernels(data[0], data[1], config).join()
+def compiled():
+    return {k.__name__: list(k.compiled.signatures) for k in (kernels.make_batch, kernels.sgd_update)}
+ready = compiled()
+train.train(config, data, progress=False, evaluate_test=True)
+print(ready == compiled() and all(ready.values()), ready, compiled())
+"""
+
+
+def test_the_warm_up_readies_every_kernel_a_run_calls():
+    # Loading a kernel takes about a second at its first call; the warm-up takes it off the
+    # run's path only if it readies the very signatures (dtypes, layouts) the run calls.
+    result = run_child(WARM_UP, timeout=300)
+    assert result.returncode == 0 and result.stdout.startswith("True"), result.stdout + result.stderr
