@@ -94,8 +94,8 @@ def plot_history(records, path):
     Each legend gives the last value, so a run of one epoch (a dot per curve) still reads."""
     fig = Figure(figsize=(15, 4.2), layout="constrained")
     axes = fig.subplots(1, 3)
-    panels = [("Cross-entropy loss", [("train_loss", "train"), ("val_loss", "validation")]),
-              ("Accuracy", [("train_acc", "train"), ("val_acc", "validation")]),
+    panels = [("Cross-entropy loss", [("train_loss", "train"), ("val_loss", "validation, one view")]),
+              ("Accuracy", [("train_acc", "train"), ("val_acc", "validation, one view")]),
               ("Learning rate", [("lr", None)])]
     for ax, (title, series) in zip(axes, panels):
         for key, label in series:
@@ -113,7 +113,7 @@ def plot_history(records, path):
     if best:
         acc, epoch = max(best)
         axes[1].axvline(epoch, color="grey", linestyle=":", linewidth=1)
-        axes[1].set_title(f"Accuracy (best validation {acc:.4f} at epoch {epoch})")
+        axes[1].set_title(f"Accuracy (best one-view validation {acc:.4f}, epoch {epoch})")
     save_figure(fig, path)
 
 

@@ -147,7 +147,7 @@ def test_every_option_is_declared_once_and_reaches_the_command_line(capsys):
         assert f"--{alias.replace('_', '-')}" in text
     for name in cfg.PRESETS:  # how long each recipe takes
         assert f"{name} ({train.preset_time(name)})" in text
-    assert f"default ({cfg.DEFAULT_CONFIG['epochs']} epochs, up to 60 min on 2 cores)" in text
+    assert f"default ({cfg.DEFAULT_CONFIG['epochs']} epochs, up to 65 min on 2 cores)" in text
     assert cfg.make_config(learning_rate=0.3, reg_lambda=0.2)["lr"] == 0.3
     for key, option in cfg.OPTIONS.items():
         if option.range:
