@@ -6,6 +6,7 @@ the environment variable MLP_DEBUG=1) shows the full traceback instead.
 """
 import argparse
 import contextlib
+import errno
 import os
 import select
 import signal
@@ -185,6 +186,19 @@ def _stop_once(signum, frame):
 
 
 _relayed = []  # (pid, parent) pairs that stop_on_signals has set up
+
+
+def said(write):
+    """`write`, except that a terminal gone away (its writes fail with EIO, maybe before its
+    SIGHUP arrives) stops the program as that SIGHUP does."""
+    def say(message):
+        try:
+            write(message)
+        except OSError as exc:
+            if exc.errno != errno.EIO:
+                raise
+            _stop_once(signal.SIGHUP, None)
+    return say
 
 
 def stop_on_signals(parent=None):

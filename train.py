@@ -202,7 +202,7 @@ def train(config, data=None, on_epoch=None, progress=True, evaluate_test=False, 
     model.get_activation(config["activation"])
     check_network(config)
     verbose = progress if verbose is None else verbose
-    say = (tqdm.write if progress else print) if verbose else (lambda message: None)
+    say = cli.said(tqdm.write if progress else print) if verbose else (lambda message: None)
     loaded = data is None
     with cli.stopping_says(STARTING_UP):
         data = data or data_loader.load_data(config["data_dir"])

@@ -20,7 +20,7 @@ import checkpoint
 import cli
 import files
 import train
-from conftest import ROOT, make_cifar_dir
+from conftest import ROOT, make_cifar_dir, run_child
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -408,6 +408,28 @@ def test_a_closed_terminal_stops_the_run_cleanly(data_dir, tmp_path):
     assert os.waitstatus_to_exitcode(status) == 129, (tmp_path / "err.txt").read_text()
     assert (tmp_path / "run" / "curves.png").exists()
     assert "--resume" in (tmp_path / "err.txt").read_text()
+
+
+SAID = """
+import errno, cli
+def gone(message):
+    raise OSError(errno.EIO, "Input/output error")
+try:
+    cli.said(gone)("epoch 1")
+except cli.Stopped as exc:
+    print(exc.signum, exc)
+try:
+    cli.said(lambda message: open("/nonexistent/x"))("epoch 1")
+except FileNotFoundError:
+    print("other errors pass")
+"""
+
+
+def test_a_write_to_a_terminal_gone_stops_as_its_sighup_would():
+    """The race of the test above, made certain: the write fails before SIGHUP arrives."""
+    result = run_child(SAID)
+    assert result.stdout == f"{int(signal.SIGHUP)} stopped by SIGHUP\nother errors pass\n", \
+        result.stderr
 
 
 def test_a_lock_that_is_a_hard_link_is_refused_and_its_target_untouched(tmp_path):
