@@ -99,7 +99,7 @@ PRESETS = {
 
 # How long each preset trains on a 2-core machine, in minutes: the upper ends of runs
 # measured there, some while other jobs shared it (a faster loop makes them shorter).
-PRESET_MINUTES = {"default": 65, "report": 40, "fast": 2, "best": 150}
+PRESET_MINUTES = {"default": 65, "report": 15, "fast": 2, "best": 110}
 
 
 def make_config(preset="default", **overrides):
