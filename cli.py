@@ -131,6 +131,11 @@ def run(main, argv=None):
     sys.exit(code or 0)
 
 
+def warn(message):
+    """`message` as one `warning:` line on stderr, escaped as the error lines are."""
+    sys.stderr.write(f"warning: {one_line(message)}\n")
+
+
 def one_line(exc):
     """The message of `exc` on one line, however many lines it holds, escaped for the terminal
     (it may quote a file)."""

@@ -16,9 +16,10 @@ whole step slower, not faster (measured with benchmark.py --profile: see the REA
 import functools
 import importlib.util
 import os
-import sys
 
 import numpy as np
+
+import cli
 
 AVAILABLE = importlib.util.find_spec("numba") is not None
 ENABLED = AVAILABLE and os.environ.get("MLP_KERNELS", "") != "numpy"
@@ -33,15 +34,9 @@ def enabled():
             import numba  # noqa: F401
         except Exception as exc:  # e.g. built for another NumPy: ImportError, or worse
             ENABLED = False
-            _warn(f"Numba is installed but does not load ({exc}), so the NumPy references run "
-                  f"instead (slower); MLP_KERNELS=numpy runs them without this warning")
+            cli.warn(f"Numba is installed but does not load ({exc}), so the NumPy references "
+                     f"run instead (slower); MLP_KERNELS=numpy runs them without this warning")
     return ENABLED
-
-
-def _warn(message):
-    """`message` as one `warning:` line on stderr."""
-    import cli
-    sys.stderr.write(f"warning: {cli.shown(' '.join(str(message).split()))}\n")
 
 
 def _compiled(kernel):
@@ -54,8 +49,8 @@ def _compiled(kernel):
             try:
                 run.compiled = numba.njit(cache=True)(kernel)
             except RuntimeError as exc:  # no folder it may cache in: compile, don't cache
-                _warn(f"the kernel {kernel.__name__} is compiled again each run: {exc}; set "
-                      f"NUMBA_CACHE_DIR to a writable folder to keep it")
+                cli.warn(f"the kernel {kernel.__name__} is compiled again each run: {exc}; "
+                         f"set NUMBA_CACHE_DIR to a writable folder to keep it")
                 run.compiled = numba.njit(kernel)
         return run.compiled(*args)
     run.compiled = None

@@ -218,7 +218,7 @@ def train(config, data=None, on_epoch=None, progress=True, evaluate_test=False, 
 
 def warm_up_kernels(images, labels, config):
     """Load the fused kernels (Numba and its disk cache: about a second) on a side thread, so
-    that the first batch finds them ready; started before the whitening, it costs no time.
+    that the first batch finds them ready; started before the whitening, it overlaps it.
     Returns the thread. A failure is left to the first batch, which reports it."""
     def load():
         if not kernels.enabled():
